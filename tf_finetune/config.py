@@ -16,8 +16,10 @@ RESNET50_BLOCKS = tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for i in range(1, count + 1))
 
-MODES = ("train", "evaluate", "export", "predict")
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+# "predict" joins with the serving work (issue 6), "tune" with issue 4.
+MODES = ("train", "evaluate", "export")
+# "multi_worker" joins when multi-host training lands (issue 5).
+STRATEGIES = ("auto", "one_device", "mirrored")
 BACKBONES = ("resnet50",)
 DATASET_SCHEMES = ("demo", "folder:", "tfds:")
 
@@ -53,7 +55,6 @@ class Config:
   seed: int = 42
   export_dir: str = ""
   top_k: int = 5
-  inputs: str = ""
 
   @property
   def total_epochs(self) -> int:
@@ -115,3 +116,16 @@ def parse_augment(value: str) -> Tuple[str, ...]:
   """'flip, zoom' -> ('flip', 'zoom'); 'none' or '' -> ()."""
   names = tuple(n.strip() for n in value.split(",") if n.strip())
   return () if names in ((), ("none",)) else names
+
+
+def to_flagfile(config: Config) -> str:
+  """The config as absl flag lines, reusable as `--flagfile`."""
+  lines = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, bool):
+      value = "true" if value else "false"
+    elif isinstance(value, tuple):
+      value = ",".join(value) or "none"
+    lines.append(f"--{field.name}={value}")
+  return "\n".join(lines) + "\n"

@@ -1,6 +1,83 @@
-"""Input stage: image sources -> decoded, resized uint8 batches via tf.data."""
+"""Input stage: image sources -> decoded, resized uint8 batches via tf.data.
+
+Sources (`--dataset`):
+
+  demo             generated shapes (`demo_data.py`), written once as files
+                   and read through the `folder:` path below.
+  folder:DIR       one sub-folder per class, or a `train/ [val/] [test/]`
+                   level above the class folders (`folder_source.py`).
+                   Splits the source lacks are carved from train, stratified
+                   by class. Unusable files are skipped and listed.
+  tfds:NAME[:VER]  a TFDS image classification dataset. Missing validation
+                   or test splits are carved from the start of train with
+                   TFDS split slicing: deterministic, not stratified.
+
+Every split comes out as batches of (uint8 [B, S, S, 3], int32 [B]): the
+model does its own preprocessing, so these are exactly the pixels that the
+serving signature `serving_tensor` takes.
+"""
+
+import dataclasses
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
+
+from tf_finetune import augment as augment_lib
+from tf_finetune import demo_data
+from tf_finetune import folder_source
+from tf_finetune.config import Config, UserError
+from tf_finetune.folder_source import SPLITS
+
+# Decoded splits up to this size are cached in memory after the first epoch
+# (the shuffle buffer then holds about as much again).
+CACHE_BUDGET_BYTES = 1 << 30
+# Shuffle buffer (in examples) of a split too big to cache: shuffling then
+# happens on undecoded records, before decoding.
+RECORD_SHUFFLE_BUFFER = 10_000
+
+ensure_demo_dataset = demo_data.ensure_demo_dataset
+
+
+@dataclasses.dataclass
+class Datasets:
+  """The input of one run.
+
+  Attributes:
+    train: batches of (uint8 [B, S, S, 3], int32 [B]); reshuffled (seeded)
+      and augmented on every pass; one pass is one epoch.
+    val: batches in a fixed order, not augmented.
+    test: like `val`, or None when the run has no test split.
+    class_names: sorted class folder names, or the TFDS label names;
+      label i is class_names[i].
+    num_examples: examples per split actually used, e.g. {"train": 850,
+      "val": 150, "test": 0}.
+    skipped_files: [{"path": ..., "reason": ...}] for files that could not
+      be used (folder sources only).
+  """
+  train: tf.data.Dataset
+  val: tf.data.Dataset
+  test: Optional[tf.data.Dataset]
+  class_names: list
+  num_examples: dict
+  skipped_files: list
+
+
+def create_datasets(config: Config) -> Datasets:
+  """Builds the train, validation and test pipelines described by `config`.
+
+  Raises:
+    UserError: the source is missing, malformed, has no usable images for a
+      class, or a split would be empty.
+  """
+  if config.dataset == "demo":
+    return _folder_datasets(ensure_demo_dataset(config.data_dir), config)
+  scheme, _, rest = config.dataset.partition(":")
+  if scheme == "folder" and rest:
+    return _folder_datasets(rest, config)
+  if scheme == "tfds" and rest:
+    return _tfds_datasets(rest, config)
+  raise UserError(f"--dataset={config.dataset!r}: expected 'demo', "
+                  "'folder:DIR' or 'tfds:NAME[:VERSION]'.")
 
 
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -20,3 +97,201 @@ def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
   image.set_shape([None, None, 3])
   resized = tf.image.resize(image, [image_size, image_size], antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def _batches(records: tf.data.Dataset, load, num_examples: int,
+             config: Config, training: bool,
+             augmenter=None) -> tf.data.Dataset:
+  """Turns undecoded records into prefetched batches of (image, label).
+
+  Args:
+    records: one element per example, in a fixed order.
+    load: maps one record to (uint8 [S, S, 3], int32 label).
+    num_examples: number of records.
+    config: for image size, batch size and seed.
+    training: shuffle each pass (seeded) and augment.
+    augmenter: from `augment.build_augmenter`, or None.
+  """
+  cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+  if training and not cache:
+    # Shuffling records before decoding keeps the buffer small.
+    records = records.shuffle(min(num_examples, RECORD_SHUFFLE_BUFFER),
+                              seed=config.seed, reshuffle_each_iteration=True)
+  # Deterministic order: with a seed, the same run sees the same batches.
+  dataset = records.map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+  if cache:
+    dataset = dataset.cache()
+    if training:
+      dataset = dataset.shuffle(num_examples, seed=config.seed,
+                                reshuffle_each_iteration=True)
+  dataset = dataset.batch(config.batch_size)
+  if training and augmenter is not None:
+    # Sequential on purpose: the layers' seed generators are variables that
+    # each call advances, so parallel calls would make the transforms depend
+    # on thread timing. One call per batch is vectorised already, and
+    # prefetch overlaps it with the training step.
+    dataset = dataset.map(
+        lambda images, labels: (augment_lib.augment_batch(augmenter, images),
+                                labels))
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------ folder
+
+
+def _folder_datasets(root: str, config: Config) -> Datasets:
+  """Datasets from a folder of class folders (see `folder_source`)."""
+  class_names, splits, skipped = folder_source.list_folder_splits(root, config)
+  augmenter = augment_lib.build_augmenter(config.augment, config.seed)
+
+  def load(path, label):
+    return decode_and_resize(tf.io.read_file(path), config.image_size), label
+
+  def make(split: str) -> Optional[tf.data.Dataset]:
+    files = splits[split]
+    if not files:
+      return None
+    paths, labels = zip(*files)
+    records = tf.data.Dataset.from_tensor_slices(
+        (list(paths), tf.constant(labels, tf.int32)))
+    return _batches(records, load, len(files), config, split == "train",
+                    augmenter)
+
+  return Datasets(
+      train=make("train"), val=make("val"), test=make("test"),
+      class_names=class_names,
+      num_examples={split: len(splits[split]) for split in SPLITS},
+      skipped_files=skipped)
+
+
+# -------------------------------------------------------------------- tfds
+
+
+def _tfds_datasets(spec: str, config: Config) -> Datasets:
+  """Datasets from `tfds:NAME[:VERSION]`, prepared into `--data_dir`."""
+  # Imported here: it is slow to import and only this source needs it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, _, version = spec.partition(":")
+  builder = _prepare_tfds_builder(tfds, name, version or None, config.data_dir)
+  image_key, label_key = _tfds_feature_keys(builder.info, name)
+  channels = builder.info.features[image_key].shape[-1]
+  augmenter = augment_lib.build_augmenter(config.augment, config.seed)
+
+  def load(example):
+    image = example[image_key]
+    if channels == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    elif channels == 4:
+      image = image[..., :3]  # Drops alpha, as decode_image(channels=3) does.
+    label = tf.cast(example[label_key], tf.int32)
+    return resize_image(image, config.image_size), label
+
+  datasets, counts = {}, {}
+  for split, tfds_split in _tfds_split_names(builder.info, name,
+                                             config).items():
+    training = split == "train"
+    records = builder.as_dataset(
+        split=tfds_split, shuffle_files=training,
+        read_config=tfds.ReadConfig(shuffle_seed=config.seed))
+    counts[split] = _count(records, builder.info, tfds_split)
+    datasets[split] = _batches(records, load, counts[split], config, training,
+                               augmenter)
+  return Datasets(
+      train=datasets["train"], val=datasets["val"], test=datasets.get("test"),
+      class_names=list(builder.info.features[label_key].names),
+      num_examples={split: counts.get(split, 0) for split in SPLITS},
+      skipped_files=[])
+
+
+def _prepare_tfds_builder(tfds, name: str, version: Optional[str],
+                          data_dir: str):
+  """tfds.builder(...) with download_and_prepare(), errors as UserError."""
+  shown = f"--dataset=tfds:{name}" + (f":{version}" if version else "")
+  try:
+    builder = tfds.builder(name, version=version, data_dir=data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, AssertionError,
+          ValueError) as error:
+    # AssertionError is what TFDS raises for an unknown version.
+    raise UserError(f"{shown}: TFDS cannot load it ({_first_line(error)}). "
+                    "tfds.list_builders() lists the dataset names.") from error
+  try:
+    builder.download_and_prepare()
+  except Exception as error:  # pylint: disable=broad-except
+    # Whatever fails here (network, disk, a missing optional TFDS module) is
+    # for the user to fix; the original error stays chained for debugging.
+    where = (f"--data_dir={data_dir!r}" if data_dir
+             else "--data_dir (unset: ~/tensorflow_datasets)")
+    raise UserError(
+        f"{shown}: download_and_prepare failed ({type(error).__name__}: "
+        f"{_first_line(error)}). Without internet, prepare the dataset on "
+        f"another machine and copy it into {where}.") from error
+  return builder
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def _tfds_feature_keys(info, name: str) -> Tuple[str, str]:
+  """(image key, label key): the supervised keys, else the first fitting."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = info.features
+  keys = info.supervised_keys
+  if not (isinstance(keys, tuple) and len(keys) == 2
+          and all(isinstance(k, str) for k in keys)):
+    keys = (next((k for k, f in features.items()
+                  if isinstance(f, tfds.features.Image)), None),
+            next((k for k, f in features.items()
+                  if isinstance(f, tfds.features.ClassLabel)), None))
+  image_key, label_key = keys
+  if not (image_key in features
+          and isinstance(features[image_key], tfds.features.Image)
+          and label_key in features
+          and isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise UserError(
+        f"--dataset=tfds:{name}: not an image classification dataset; need "
+        f"an Image and a ClassLabel feature, found {features}.")
+  return image_key, label_key
+
+
+def _tfds_split_names(info, name: str, config: Config) -> Dict[str, str]:
+  """{split: TFDS split string}; missing val/test are sliced off train.
+
+  Slicing takes the first examples of train: deterministic and independent
+  of the seed, not stratified, and as random as the order TFDS wrote.
+  """
+  available = set(info.splits.keys())
+  if "train" not in available:
+    raise UserError(f"--dataset=tfds:{name}: has no 'train' split (splits: "
+                    f"{sorted(available)}).")
+  names = {"val": "validation" if "validation" in available else None,
+           "test": "test" if "test" in available else None}
+  total = info.splits["train"].num_examples
+  start = 0
+  for split, flag in (("val", "val_fraction"), ("test", "test_fraction")):
+    if names[split]:
+      continue
+    count = int(round(total * getattr(config, flag)))
+    if count == 0 and (split == "val" or getattr(config, flag) > 0):
+      raise UserError(
+          f"--dataset=tfds:{name}: the {split} split is empty: it has no "
+          f"{split} split and --{flag}={getattr(config, flag)} of {total} "
+          f"training examples is none. Raise --{flag}.")
+    if count:
+      names[split] = f"train[{start}:{start + count}]"
+      start += count
+  names["train"] = f"train[{start}:]" if start else "train"
+  return {split: names[split] for split in SPLITS if names[split]}
+
+
+def _count(records: tf.data.Dataset, info, tfds_split: str) -> int:
+  """Examples in a split: the dataset's own count, else the metadata's."""
+  cardinality = int(records.cardinality())
+  if cardinality >= 0:
+    return cardinality
+  return info.splits[tfds_split].num_examples

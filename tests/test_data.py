@@ -1,0 +1,376 @@
+"""Tests of the input stage: folder, demo and TFDS sources, splits, batches."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tf_finetune import data
+from tf_finetune import demo_data
+from tf_finetune import folder_source
+from tf_finetune.config import Config, UserError
+
+SIZE = 32
+
+
+def write_image(path, seed=0, size=(40, 48)):
+  """Writes a small random image; the format follows the extension."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 256, size + (3,), np.uint8)
+  fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".gif": "GIF", ".bmp": "BMP"}.get(
+      os.path.splitext(path)[1].lower(), "PNG")
+  Image.fromarray(pixels).save(path, format=fmt)
+
+
+def make_folder(root, counts, prefix=""):
+  """root/[prefix/]CLASS/img_NN.png for each class; returns the paths."""
+  paths = []
+  for class_index, (name, count) in enumerate(sorted(counts.items())):
+    for i in range(count):
+      path = os.path.join(root, prefix, name, f"img_{i:02d}.png")
+      write_image(path, seed=100 * class_index + i)
+      paths.append(path)
+  return paths
+
+
+def make_config(root, **overrides):
+  values = dict(workdir=os.path.join(str(root), "work"),
+                dataset=f"folder:{root}", image_size=SIZE, batch_size=4,
+                augment=(), val_fraction=0.2, test_fraction=0.0, seed=7)
+  values.update(overrides)
+  return Config(**values)
+
+
+def split_paths(splits):
+  return {split: {path for path, _ in files} for split, files in splits.items()}
+
+
+# ------------------------------------------------------------------ splits
+
+
+def test_splits_are_stratified_disjoint_and_cover_all_files(tmp_path):
+  paths = make_folder(tmp_path, {"a": 12, "b": 12, "c": 12})
+  config = make_config(tmp_path, val_fraction=0.25, test_fraction=0.25)
+  names, splits, skipped = folder_source.list_folder_splits(str(tmp_path),
+                                                            config)
+  assert names == ["a", "b", "c"] and skipped == []
+  by_split = split_paths(splits)
+  assert set.union(*by_split.values()) == set(paths)
+  assert sum(len(files) for files in splits.values()) == len(paths)
+  for split, files in splits.items():
+    assert {label for _, label in files} == {0, 1, 2}, split
+    for path, label in files:
+      assert os.path.basename(os.path.dirname(path)) == names[label]
+
+
+def test_split_of_a_file_stays_when_files_are_added(tmp_path):
+  make_folder(tmp_path, {"a": 20, "b": 20})
+  config = make_config(tmp_path, val_fraction=0.2, test_fraction=0.1)
+  before = split_paths(
+      folder_source.list_folder_splits(str(tmp_path), config)[1])
+  for name in ("a", "b"):
+    for i in range(5):
+      write_image(os.path.join(tmp_path, name, f"new_{i}.png"), seed=900 + i)
+  after = split_paths(
+      folder_source.list_folder_splits(str(tmp_path), config)[1])
+  for split in data.SPLITS:
+    assert before[split] <= after[split], split
+
+
+def test_split_depends_on_seed(tmp_path):
+  make_folder(tmp_path, {"a": 20, "b": 20})
+  first = folder_source.list_folder_splits(
+      str(tmp_path), make_config(tmp_path, seed=1))[1]
+  second = folder_source.list_folder_splits(
+      str(tmp_path), make_config(tmp_path, seed=2))[1]
+  assert split_paths(first)["val"] != split_paths(second)["val"]
+
+
+def test_small_classes_get_one_file_in_each_requested_split():
+  paths = [f"/d/a/{i}.png" for i in range(3)]
+  for seed in range(20):
+    splits = folder_source.assign_splits(paths, "/d",
+                                         {"val": 0.01, "test": 0.01}, seed)
+    assert [len(splits[s]) for s in data.SPLITS] == [1, 1, 1], seed
+    splits = folder_source.assign_splits(paths, "/d",
+                                         {"val": 0.9, "test": 0.0}, seed)
+    assert splits["train"] and splits["val"] and not splits["test"]
+
+
+def test_explicit_split_folders_are_honoured(tmp_path):
+  train = make_folder(tmp_path, {"a": 3, "b": 3}, prefix="train")
+  val = make_folder(tmp_path, {"a": 2, "b": 1}, prefix="val")
+  test = make_folder(tmp_path, {"b": 2}, prefix="test")  # May lack classes.
+  config = make_config(tmp_path, val_fraction=0.5, test_fraction=0.5)
+  names, splits, _ = folder_source.list_folder_splits(str(tmp_path), config)
+  assert names == ["a", "b"]
+  assert split_paths(splits) == {"train": set(train), "val": set(val),
+                                 "test": set(test)}
+
+
+def test_missing_split_folders_are_carved_from_train(tmp_path):
+  train = make_folder(tmp_path, {"a": 10, "b": 10}, prefix="train")
+  config = make_config(tmp_path, val_fraction=0.2, test_fraction=0.0)
+  datasets = data.create_datasets(config)
+  assert datasets.class_names == ["a", "b"]
+  assert datasets.test is None
+  assert datasets.num_examples["test"] == 0
+  assert datasets.num_examples["train"] + datasets.num_examples["val"] == len(
+      train)
+  assert datasets.num_examples["val"] >= 2
+
+
+def test_class_names_are_sorted_and_hidden_or_non_image_files_ignored(
+    tmp_path):
+  make_folder(tmp_path, {"zebra": 3, "apple": 3, "mango": 3})
+  write_image(os.path.join(tmp_path, "apple", "upper.JPG"))
+  write_image(os.path.join(tmp_path, "apple", "pic.bmp"))
+  write_image(os.path.join(tmp_path, "apple", "nested", "deep.gif"))
+  write_image(os.path.join(tmp_path, "apple", ".hidden.png"))
+  write_image(os.path.join(tmp_path, "apple", ".thumbs", "t.png"))
+  write_image(os.path.join(tmp_path, ".git", "x", "y.png"))
+  (tmp_path / "apple" / "notes.txt").write_text("not an image")
+  (tmp_path / "apple" / "raw.tiff").write_bytes(b"II*\x00")
+  (tmp_path / "README.md").write_text("top-level files are not classes")
+  names, splits, skipped = folder_source.list_folder_splits(
+      str(tmp_path), make_config(tmp_path))
+  assert names == ["apple", "mango", "zebra"]
+  assert skipped == []
+  apple = {os.path.relpath(p, tmp_path) for files in splits.values()
+           for p, label in files if label == 0}
+  assert apple == {"apple/img_00.png", "apple/img_01.png", "apple/img_02.png",
+                   "apple/upper.JPG", "apple/pic.bmp", "apple/nested/deep.gif"}
+
+
+def test_undecodable_files_are_skipped_with_reasons(tmp_path):
+  good = make_folder(tmp_path, {"a": 4, "b": 4})
+  (tmp_path / "a" / "empty.png").write_bytes(b"")
+  (tmp_path / "a" / "garbage.jpg").write_bytes(b"this is not a jpeg" * 10)
+  encoded = io.BytesIO()
+  Image.new("RGB", (40, 40), (10, 200, 30)).save(encoded, format="PNG")
+  (tmp_path / "b" / "truncated.png").write_bytes(encoded.getvalue()[:60])
+  datasets = data.create_datasets(make_config(tmp_path))
+  reasons = {os.path.basename(s["path"]): s["reason"]
+             for s in datasets.skipped_files}
+  assert set(reasons) == {"empty.png", "garbage.jpg", "truncated.png"}
+  assert "empty" in reasons["empty.png"]
+  assert all(reason for reason in reasons.values())
+  assert sum(datasets.num_examples.values()) == len(good)
+  seen = sum(int(labels.shape[0]) for split in (datasets.train, datasets.val)
+             for _, labels in split)
+  assert seen == len(good)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def assert_user_error(config, *fragments):
+  with pytest.raises(UserError) as raised:
+    data.create_datasets(config)
+  for fragment in fragments:
+    assert fragment in str(raised.value)
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+  missing = os.path.join(tmp_path, "nope")
+  assert_user_error(make_config(tmp_path, dataset=f"folder:{missing}"),
+                    missing)
+
+
+def test_folder_without_classes_is_a_user_error(tmp_path):
+  write_image(os.path.join(tmp_path, "loose.png"))
+  assert_user_error(make_config(tmp_path), str(tmp_path), "found none")
+  make_folder(tmp_path, {"only": 3})
+  assert_user_error(make_config(tmp_path), "only 'only'")
+
+
+def test_class_without_usable_images_is_a_user_error(tmp_path):
+  make_folder(tmp_path, {"a": 3})
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+  (tmp_path / "b" / "notes.txt").write_text("x")
+  assert_user_error(make_config(tmp_path), os.path.join(tmp_path, "b"),
+                    "no usable images", "1 could not be decoded")
+
+
+def test_empty_split_is_a_user_error_naming_the_flag(tmp_path):
+  make_folder(tmp_path, {"a": 4, "b": 4})
+  assert_user_error(make_config(tmp_path, val_fraction=0.0), "val split",
+                    "--val_fraction=0")
+  # Two images a class are too few to be sure of a test image.
+  make_folder(tmp_path / "tiny", {"a": 2, "b": 2}, prefix="train")
+  make_folder(tmp_path / "tiny", {"a": 1, "b": 1}, prefix="val")
+  assert_user_error(make_config(tmp_path / "tiny", test_fraction=0.01),
+                    "test split", "--test_fraction=0.01")
+
+
+def test_class_folder_outside_train_is_a_user_error(tmp_path):
+  make_folder(tmp_path, {"a": 3, "b": 3}, prefix="train")
+  make_folder(tmp_path, {"c": 2}, prefix="val")
+  assert_user_error(make_config(tmp_path), "'c'", "train")
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_batches_are_uint8_images_and_int32_labels(tmp_path):
+  make_folder(tmp_path, {"a": 6, "b": 6})
+  write_image(os.path.join(tmp_path, "a", "photo.jpg"), size=(50, 30))
+  datasets = data.create_datasets(
+      make_config(tmp_path, augment=("flip", "brightness")))
+  for split in (datasets.train, datasets.val):
+    images_spec, labels_spec = split.element_spec
+    assert images_spec.dtype == tf.uint8 and labels_spec.dtype == tf.int32
+    assert images_spec.shape.as_list() == [None, SIZE, SIZE, 3]
+    images, labels = next(iter(split))
+    assert images.shape[1:] == (SIZE, SIZE, 3) and images.shape[0] <= 4
+    assert labels.dtype == tf.int32
+
+
+def test_train_is_reshuffled_each_epoch_and_seeded_val_is_fixed(tmp_path):
+  make_folder(tmp_path, {"a": 12, "b": 12})
+  config = make_config(tmp_path, batch_size=64)
+
+  def labels_of(dataset):
+    return [list(l.numpy()) for _, l in dataset]
+
+  first = data.create_datasets(config)
+  epoch1, epoch2 = labels_of(first.train), labels_of(first.train)
+  assert epoch1 != epoch2
+  again = data.create_datasets(config)
+  assert labels_of(again.train) == epoch1
+  assert labels_of(first.val) == labels_of(first.val) == labels_of(again.val)
+
+
+def test_val_is_not_augmented(tmp_path):
+  make_folder(tmp_path, {"a": 4, "b": 4})
+  plain = data.create_datasets(make_config(tmp_path))
+  augmented = data.create_datasets(
+      make_config(tmp_path, augment=("flip", "contrast")))
+  for (a, _), (b, _) in zip(plain.val, augmented.val):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# -------------------------------------------------------------------- demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+  return data.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo")))
+
+
+def read_tree(folder):
+  files = {}
+  for parent, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(parent, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
+def test_demo_dataset_is_deterministic_and_written_once(demo_dir, tmp_path):
+  other = data.ensure_demo_dataset(str(tmp_path))
+  assert os.path.basename(other) == demo_data.DEMO_VERSION
+  assert read_tree(demo_dir) == read_tree(other)
+  # Reused, not rewritten; no staging folder left behind.
+  stamp = os.stat(os.path.join(other, "circle", "circle_000.png")).st_mtime_ns
+  assert data.ensure_demo_dataset(str(tmp_path)) == other
+  assert os.stat(os.path.join(other, "circle",
+                              "circle_000.png")).st_mtime_ns == stamp
+  assert os.listdir(tmp_path) == [demo_data.DEMO_VERSION]
+
+
+def test_demo_dataset_goes_through_the_folder_source(demo_dir):
+  config = Config(workdir="unused", dataset="demo",
+                  data_dir=os.path.dirname(demo_dir), image_size=SIZE,
+                  batch_size=50, augment=(), test_fraction=0.1)
+  datasets = data.create_datasets(config)
+  assert datasets.class_names == list(demo_data.demo_class_names())
+  assert len(datasets.class_names) >= 4
+  assert sum(datasets.num_examples.values()) == (
+      len(datasets.class_names) * demo_data.IMAGES_PER_CLASS)
+  assert datasets.skipped_files == [] and datasets.test is not None
+
+
+def test_demo_classes_are_separable(demo_dir):
+  # A nearest-class-mean classifier on 8x8 thumbnails: far above the 20%
+  # of chance, or the demo would not show whether training works.
+  config = Config(workdir="unused", dataset=f"folder:{demo_dir}",
+                  image_size=SIZE, batch_size=500, augment=())
+  datasets = data.create_datasets(config)
+
+  def features(dataset):
+    images, labels = next(iter(dataset))
+    small = tf.image.resize(tf.cast(images, tf.float32), [8, 8])
+    return tf.reshape(small, [len(labels), -1]).numpy(), labels.numpy()
+
+  x_train, y_train = features(datasets.train)
+  x_val, y_val = features(datasets.val)
+  means = np.stack([x_train[y_train == c].mean(0)
+                    for c in range(len(datasets.class_names))])
+  distances = ((x_val[:, None, :] - means[None]) ** 2).sum(-1)
+  accuracy = (distances.argmin(1) == y_val).mean()
+  assert accuracy > 0.6
+
+
+# -------------------------------------------------------------------- tfds
+
+
+def write_tfds_metadata(data_dir, name, split_sizes):
+  """Writes dataset_info.json with the given splits, as a prepare would."""
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[count], num_bytes=0,
+                          filename_template=None)
+      for split, count in split_sizes.items()]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+def mock_tfds(data_dir, num_examples):
+  # USE_FILES: the mock takes split names from the metadata written above;
+  # it yields `num_examples` random examples for any split or slice.
+  return tfds.testing.mock_data(num_examples=num_examples,
+                                policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(data_dir))
+
+
+def test_tfds_grayscale_dataset_with_val_carved_from_train(tmp_path):
+  write_tfds_metadata(tmp_path, "mnist", {"train": 50, "test": 10})
+  config = Config(workdir="unused", dataset="tfds:mnist",
+                  data_dir=str(tmp_path), image_size=SIZE, batch_size=8,
+                  augment=("flip",), val_fraction=0.2)
+  with mock_tfds(tmp_path, num_examples=12):
+    datasets = data.create_datasets(config)
+    assert datasets.class_names == [str(i) for i in range(10)]
+    assert datasets.test is not None and datasets.skipped_files == []
+    for split in ("train", "val", "test"):
+      dataset = getattr(datasets, split)
+      images_spec, labels_spec = dataset.element_spec
+      assert images_spec.shape.as_list() == [None, SIZE, SIZE, 3]
+      assert images_spec.dtype == tf.uint8 and labels_spec.dtype == tf.int32
+      assert sum(len(l) for _, l in dataset) == datasets.num_examples[split]
+      images, _ = next(iter(dataset))
+      # Grayscale copied to RGB (and flips keep it so): equal channels.
+      np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+def test_tfds_split_names_slice_missing_splits_off_train(tmp_path):
+  write_tfds_metadata(tmp_path, "mnist", {"train": 100})
+  info = tfds.builder("mnist", data_dir=str(tmp_path)).info
+  config = Config(workdir="unused", val_fraction=0.1, test_fraction=0.2)
+  assert data._tfds_split_names(info, "mnist", config) == {
+      "train": "train[30:]", "val": "train[0:10]", "test": "train[10:30]"}
+  with pytest.raises(UserError, match="--val_fraction"):
+    data._tfds_split_names(
+        info, "mnist", Config(workdir="unused", val_fraction=0.001))
+
+
+def test_unknown_tfds_dataset_is_a_user_error(tmp_path):
+  assert_user_error(make_config(tmp_path, dataset="tfds:no_such_dataset_xyz"),
+                    "no_such_dataset_xyz")

@@ -1,0 +1,173 @@
+"""The command line end to end: the real ResNet50 path through `main`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*flags, timeout=600):
+  """Runs `python -m tf_finetune.main` from the repository root."""
+  return subprocess.run(
+      [sys.executable, "-m", "tf_finetune.main", *flags], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """One real training run of configs/smoke.cfg through the command line."""
+  base = tmp_path_factory.mktemp("smoke")
+  workdir, data_dir = str(base / "work"), str(base / "data")
+  result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+                   f"--data_dir={data_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, data_dir
+
+
+def test_training_run_writes_the_workdir_layout(smoke_run):
+  workdir, _ = smoke_run
+  for name in ("flags.cfg", "report.json", "model.keras",
+               "logs/training.csv", "export/1/saved_model.pb"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "export")) == ["1"]
+
+
+def test_report_has_the_contract_fields(smoke_run):
+  workdir, _ = smoke_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  assert report["class_names"] == sorted(report["class_names"])
+  assert len(report["class_names"]) >= 4
+  counts = report["num_examples"]
+  assert counts["train"] > 0 and counts["val"] > 0 and counts["test"] > 0
+  assert report["skipped_files"] == []
+  assert [s["name"] for s in report["stages"]] == ["head", "finetune"]
+  head, finetune = report["stages"]
+  assert (head["learning_rate"], finetune["learning_rate"]) == (1e-3, 1e-4)
+  assert head["epochs"] == finetune["epochs"] == 1
+  assert finetune["trainable_params"] > head["trainable_params"] > 0
+  for stage in report["stages"]:
+    assert stage["seconds"] > 0
+    assert len(stage["history"]["loss"]) == 1
+    assert len(stage["history"]["val_accuracy"]) == 1
+  assert 0.0 <= report["val_accuracy"] <= 1.0
+  assert 0.0 <= report["test_accuracy"] <= 1.0
+  assert report["export_path"] == os.path.join(workdir, "export", "1")
+  assert set(report["images_per_second"]) == {"head", "finetune"}
+
+
+def test_flags_cfg_is_a_reusable_flagfile(smoke_run):
+  workdir, _ = smoke_run
+  with open(os.path.join(workdir, "flags.cfg")) as f:
+    lines = f.read().split()
+  assert f"--workdir={workdir}" in lines
+  assert "--image_size=32" in lines and "--unfreeze_blocks=1" in lines
+  # Parsing it back validates every line, without training.
+  result = run_cli(f"--flagfile={workdir}/flags.cfg", "--image_size=16")
+  assert result.returncode == 2
+  assert "--image_size=16" in result.stderr
+
+
+def test_served_model_equals_the_keras_model(smoke_run):
+  workdir, _ = smoke_run
+  import keras
+  import tensorflow as tf
+  model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+  served = tf.saved_model.load(os.path.join(workdir, "export", "1"))
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3),
+                                             dtype=np.uint8)
+  expected = model.predict(images, verbose=0)
+  by_tensor = served.signatures["serving_tensor"](images=tf.constant(images))
+  png = [tf.io.encode_png(image).numpy() for image in images]
+  by_bytes = served.signatures["serving_default"](image_bytes=tf.constant(png))
+  np.testing.assert_allclose(by_tensor["probabilities"], expected, atol=1e-5)
+  np.testing.assert_allclose(by_bytes["probabilities"], expected, atol=1e-5)
+
+
+def test_export_and_evaluate_modes_reuse_the_workdir(smoke_run):
+  workdir, data_dir = smoke_run
+  common = ("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+            f"--data_dir={data_dir}")
+  exported = run_cli(*common, "--mode=export")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, "export"))) == ["1", "2"]
+  evaluated = run_cli(*common, "--mode=evaluate")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with open(os.path.join(workdir, "evaluation.json")) as f:
+    evaluation = json.load(f)
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  assert evaluation["split"] == "test"
+  assert evaluation["accuracy"] == pytest.approx(report["test_accuracy"],
+                                                 abs=1e-6)
+
+
+def _write_images(folder, count, size=40):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(len(folder))
+  for i in range(count):
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--unfreeze_blocks=17"], "--unfreeze_blocks=17"),
+    (["--unfreeze_blocks=-1"], "--unfreeze_blocks=-1"),
+    (["--image_size=31"], "--image_size=31"),
+    (["--dataset=s3:bucket"], "--dataset='s3:bucket'"),
+    (["--val_fraction=1.5"], "--val_fraction=1.5"),
+    (["--head_epochs=0", "--finetune_epochs=0"],
+     "--head_epochs plus --finetune_epochs"),
+])
+def test_bad_flag_values_fail_fast_naming_the_flag(tmp_path, flags, culprit):
+  result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
+                   *flags, timeout=60)
+  assert result.returncode == 2
+  assert culprit in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_workdir_is_an_error():
+  result = run_cli("--flagfile=configs/smoke.cfg", timeout=60)
+  assert result.returncode == 2
+  assert "--workdir is required" in result.stderr
+
+
+@pytest.mark.parametrize("layout, culprit", [
+    ({}, "missing"),                              # no folder at all
+    ({"only": 4}, "only"),                        # one class
+    ({"cats": 4, "dogs": 0}, "dogs"),             # an empty class
+])
+def test_bad_folders_fail_naming_the_culprit(tmp_path, layout, culprit):
+  root = tmp_path / "images"
+  for name, count in layout.items():
+    _write_images(str(root / name), count)
+  folder = str(tmp_path / "missing") if not layout else str(root)
+  result = run_cli("--flagfile=configs/smoke.cfg",
+                   f"--workdir={tmp_path / 'work'}", f"--dataset=folder:{folder}",
+                   timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  message = result.stderr.split("tf_finetune: error:")[-1]
+  assert culprit in message
+  assert "Traceback" not in result.stderr
+
+
+def test_mismatched_weights_file_fails_naming_the_file(tmp_path):
+  import keras
+  other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+  path = str(tmp_path / "other.weights.h5")
+  other.save_weights(path)
+  root = tmp_path / "images"
+  for name in ("a", "b"):
+    _write_images(str(root / name), 6)
+  result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path / 'w'}",
+                   f"--dataset=folder:{root}", f"--weights={path}", timeout=180)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"--weights='{path}'" in result.stderr
+  assert "does not hold the weights of ResNet50" in result.stderr

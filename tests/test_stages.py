@@ -1,0 +1,147 @@
+"""Stage semantics on a real ResNet50 (32 px, random weights from a file)."""
+
+import numpy as np
+import keras
+import pytest
+import tensorflow as tf
+
+from tf_finetune import model as model_lib
+from tf_finetune import stages
+from tf_finetune.config import RESNET50_BLOCKS
+
+SIZE, CLASSES, UNFREEZE = 32, 3, 2
+PLAN = stages.StagePlan(head_epochs=1, finetune_epochs=1,
+                        head_learning_rate=1e-3, finetune_learning_rate=1e-4,
+                        unfreeze_blocks=UNFREEZE)
+
+
+def _values(layer):
+  return {v.path: v.numpy().copy() for v in layer.weights}
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+  """A backbone file whose BatchNorm statistics are not the trivial 0/1,
+  so 'bit-identical statistics' is a real check."""
+  keras.utils.set_random_seed(1)
+  source = keras.applications.ResNet50(include_top=False, weights=None,
+                                       input_shape=(SIZE, SIZE, 3))
+  rng = np.random.default_rng(1)
+  for layer in source.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      shape = layer.moving_mean.shape
+      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, shape))
+      layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
+  path = str(tmp_path_factory.mktemp("weights") / "resnet50.weights.h5")
+  source.save_weights(path)
+  return path, _values(source)
+
+
+@pytest.fixture(scope="module")
+def trained(weights_file):
+  """Runs both stages in one fit; snapshots the backbone after stage head."""
+  path, loaded = weights_file
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(CLASSES, SIZE, weights=path)
+  backbone = model_lib.get_backbone(model)
+  snapshots = {}
+
+  class Snapshot(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+      snapshots[epoch] = (_values(backbone),
+                          _values(model.get_layer("classifier")))
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (32, SIZE, SIZE, 3), dtype=np.uint8)
+  labels = keras.utils.to_categorical(np.arange(32) % CLASSES, CLASSES)
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+  stages.apply_stage(model, PLAN, stages.HEAD)
+  head_params = _values(model.get_layer("classifier"))
+  callback = stages.TwoStageCallback(PLAN, stages.HEAD, 32, 8)
+  history = model.fit(dataset, epochs=PLAN.total_epochs,
+                      callbacks=[callback, Snapshot()], verbose=0)
+  return dict(model=model, loaded=loaded, snapshots=snapshots,
+              head_params=head_params, history=history.history,
+              callback=callback)
+
+
+def test_backbone_is_bit_identical_after_stage_head(trained):
+  after_head, _ = trained["snapshots"][0]
+  loaded = trained["loaded"]
+  assert after_head.keys() == loaded.keys()
+  differing = [k for k in loaded if not np.array_equal(loaded[k], after_head[k])]
+  assert differing == []
+
+
+def test_head_trains_in_both_stages(trained):
+  _, head_after_head = trained["snapshots"][0]
+  _, head_after_finetune = trained["snapshots"][1]
+  kernel = "classifier/kernel"
+  assert not np.array_equal(trained["head_params"][kernel],
+                            head_after_head[kernel])
+  assert not np.array_equal(head_after_head[kernel],
+                            head_after_finetune[kernel])
+
+
+def test_finetune_changes_exactly_the_top_blocks_convolutions(trained):
+  loaded = trained["loaded"]
+  final, _ = trained["snapshots"][1]
+  changed = {k for k in loaded if not np.array_equal(loaded[k], final[k])}
+  top = RESNET50_BLOCKS[-UNFREEZE:]
+  expected = {k for k in loaded
+              if k.split("_")[0] + "_" + k.split("_")[1] in top
+              and "_conv/" in k}
+  assert expected  # kernels and biases of the block's convolutions
+  assert changed == expected
+  moving = [k for k in changed if "moving_" in k or "_bn/" in k]
+  assert moving == []
+
+
+def test_learning_rate_of_each_stage_is_the_configured_one(trained):
+  np.testing.assert_allclose(trained["history"]["learning_rate"],
+                             [PLAN.head_learning_rate,
+                              PLAN.finetune_learning_rate], rtol=1e-6)
+
+
+def test_stage_reports_describe_both_stages(trained):
+  reports = trained["callback"].stage_reports()
+  assert [r["name"] for r in reports] == ["head", "finetune"]
+  head, finetune = reports
+  assert head["trainable_params"] == (2048 * CLASSES + CLASSES)
+  assert finetune["trainable_params"] > head["trainable_params"]
+  assert finetune["unfrozen_blocks"] == list(RESNET50_BLOCKS[-UNFREEZE:])
+  assert [r["learning_rate"] for r in reports] == [1e-3, 1e-4]
+  for r in reports:
+    assert r["seconds"] > 0 and r["images_per_second"] > 0
+    assert len(r["history"]["loss"]) == r["epochs"] == 1
+
+
+def test_weights_file_loads_bit_identically(weights_file):
+  path, loaded = weights_file
+  backbone = model_lib.get_backbone(model_lib.build_model(CLASSES, 48, path))
+  values = _values(backbone)
+  assert all(np.array_equal(values[k], loaded[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 5, 16])
+def test_unfreeze_blocks_selects_exactly_the_top_blocks(blocks):
+  model = model_lib.build_model(CLASSES, SIZE, weights="none")
+  plan = stages.StagePlan(1, 1, 1e-3, 1e-4, blocks)
+  stages.set_backbone_trainable(model_lib.get_backbone(model),
+                                plan.unfrozen_blocks(stages.FINETUNE))
+  trainable_layers = {stages.block_of(v.path.split("/")[0])
+                      for v in model_lib.get_backbone(model).trainable_weights}
+  assert trainable_layers == set(RESNET50_BLOCKS[len(RESNET50_BLOCKS) - blocks:])
+  bn_trainable = [l.name for l in model_lib.get_backbone(model).layers
+                  if isinstance(l, keras.layers.BatchNormalization)
+                  and l.trainable]
+  assert bn_trainable == []
+
+
+def test_stage_plan_maps_epochs_to_stages():
+  plan = stages.StagePlan(2, 3, 1e-3, 1e-5, 3)
+  assert [plan.stage_at(e) for e in range(5)] == ["head"] * 2 + ["finetune"] * 3
+  assert plan.unfrozen_blocks("head") == ()
+  assert plan.unfrozen_blocks("finetune") == RESNET50_BLOCKS[-3:]
+  assert stages.block_of("conv4_block6_2_bn") == "conv4_block6"
+  assert stages.block_of("conv1_conv") is None

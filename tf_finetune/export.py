@@ -1,0 +1,244 @@
+"""Export stage: a versioned SavedModel that TF Serving serves as is.
+
+Layout (TF Serving's): `EXPORT_ROOT/<version>/`, version = 1, 2, 3 ...
+Each version has two signatures with the same outputs (`probabilities`,
+`classes`, `scores`):
+
+- `serving_default`: `image_bytes`, tf.string [None], encoded JPEG/PNG/GIF/
+  BMP, so the REST form `{"b64": ...}` works. Decoding and resizing run in
+  the graph through `data.decode_and_resize`, the function training used.
+- `serving_tensor`: `images`, uint8 [None, S, S, 3], already decoded.
+
+Class names are a constant in the graph (served answers need no file) and
+also files under `assets/` for people and tools reading the folder.
+
+A version is written into a hidden temporary folder beside it and renamed
+into place, so TF Serving (which polls the folder) never sees half a model.
+"""
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_finetune import data
+
+CLASS_NAMES_FILE = "class_names.txt"
+METADATA_FILE = "metadata.json"
+_TEMP_PREFIX = ".tmp-"
+# Another writer may take the chosen version number between listing and
+# renaming; we then move on to the next number, a few times at most.
+_RENAME_ATTEMPTS = 5
+
+
+def export_saved_model(model: keras.Model, class_names: Sequence[str],
+                       image_size: int, export_root: str,
+                       top_k: int = 5) -> str:
+  """Writes a new version `export_root/<N>/` and returns its path.
+
+  N is one more than the highest existing integer version (1 if none).
+  Nothing partial is ever visible: on any error the temporary folder is
+  removed, the error re-raised, and existing versions are left untouched.
+
+  Args:
+    model: maps uint8 images [None, S, S, 3] to float probabilities
+      [None, C]; preprocessing is inside it.
+    class_names: the C class names, in the model's output order.
+    image_size: S, the side the model expects; encoded images are resized
+      to it in the serving graph.
+    export_root: folder holding the versions; created if missing.
+    top_k: number of classes in `classes` and `scores` (capped at C).
+
+  Returns:
+    The path of the new version folder.
+  """
+  class_names = [str(name) for name in class_names]
+  _check_arguments(model, class_names, image_size, top_k)
+  os.makedirs(export_root, exist_ok=True)
+  temp_dir = tempfile.mkdtemp(
+      prefix=f"{_TEMP_PREFIX}{next_version(export_root)}-", dir=export_root)
+  try:
+    archive = build_export_archive(model, class_names, image_size, top_k)
+    archive.write_out(temp_dir, verbose=False)
+    _write_assets(temp_dir, class_names, image_size,
+                  min(top_k, len(class_names)))
+    # mkdtemp makes the folder private (0700); a server running as another
+    # user (TF Serving's container) must be able to read the version.
+    os.chmod(temp_dir, 0o755)
+    return _move_into_place(temp_dir, export_root)
+  except BaseException:  # Also Ctrl-C: leave no half-written folder behind.
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    raise
+
+
+def build_export_archive(model: keras.Model, class_names: Sequence[str],
+                         image_size: int,
+                         top_k: int = 5) -> keras.export.ExportArchive:
+  """Returns an ExportArchive with the two serving signatures, not written.
+
+  ExportArchive, not `tf.saved_model.save(model)`: the latter loses the
+  signature names of a Keras 3 model (DESIGN.md, trap 6).
+  """
+  predict = _make_predict_fn(model, class_names, top_k)
+
+  def serve_image_bytes(image_bytes):
+    images = tf.map_fn(
+        lambda one: data.decode_and_resize(one, image_size), image_bytes,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
+                                          tf.uint8))
+    return predict(images)
+
+  def serve_images(images):
+    return predict(images)
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  # The first endpoint also becomes "serving_default"; naming it so
+  # explicitly keeps the signature list to exactly the two of the contract.
+  archive.add_endpoint(
+      "serving_default", serve_image_bytes,
+      input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  archive.add_endpoint(
+      "serving_tensor", serve_images,
+      input_signature=[tf.TensorSpec([None, image_size, image_size, 3],
+                                     tf.uint8, name="images")])
+  return archive
+
+
+def next_version(export_root: str) -> int:
+  """Returns 1 + the highest integer version under `export_root` (1 if none)."""
+  return max(list_versions(export_root), default=0) + 1
+
+
+def list_versions(export_root: str) -> List[int]:
+  """Returns the integer versions under `export_root`, ascending.
+
+  Only all-digit names count, as in TF Serving: temporary folders
+  (`.tmp-...`) and stray files such as `README` are not versions.
+  """
+  if not os.path.isdir(export_root):
+    return []
+  return sorted(int(name) for name in os.listdir(export_root)
+                if name.isdigit())
+
+
+def latest_version_path(export_root: str) -> str:
+  """Returns the path of the highest version; FileNotFoundError if none."""
+  versions = list_versions(export_root)
+  if not versions:
+    raise FileNotFoundError(f"No exported model version in {export_root}.")
+  return os.path.join(export_root, str(versions[-1]))
+
+
+def load_serving(path: str):
+  """Loads an exported version for in-process serving (e.g. a predict mode).
+
+  Returns the loaded SavedModel object; call
+  `loaded.signatures["serving_default"](image_bytes=...)`. Keep the object
+  itself alive while using a signature: the signatures do not own the
+  variables, which are freed with it.
+  """
+  return tf.saved_model.load(path)
+
+
+def read_class_names(path: str) -> List[str]:
+  """Returns the class names stored in the assets of an exported version."""
+  with open(os.path.join(path, "assets", CLASS_NAMES_FILE),
+            encoding="utf-8") as f:
+    return f.read().splitlines()
+
+
+def read_metadata(path: str) -> Dict[str, int]:
+  """Returns {"image_size", "top_k", "num_classes"} of an exported version."""
+  with open(os.path.join(path, "assets", METADATA_FILE),
+            encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _make_predict_fn(model, class_names, top_k):
+  """Returns images -> {probabilities, classes, scores}, for both signatures."""
+  num_classes = len(class_names)
+  k = min(top_k, num_classes)
+
+  def run_model(images):
+    # float32 whatever the model's dtype policy (mixed precision), as the
+    # contract says.
+    return tf.cast(model(images, training=False), tf.float32)
+
+  def predict(images):
+    # Workaround: with oneDNN (TF 2.21's default on x86 CPUs) Conv2D returns
+    # an empty batch unchanged ([0, 32, 32, 3] -> [0, 32, 32, 3]), so the
+    # model fails on it ("Matrix size-incompatible" in the head). An empty
+    # request gets empty outputs without running the model.
+    probabilities = tf.cond(
+        tf.shape(images)[0] > 0, lambda: run_model(images),
+        lambda: tf.zeros([0, num_classes], tf.float32))
+    scores, indices = tf.math.top_k(probabilities, k=k)
+    # Created inside the traced function, so the names are a Const node of
+    # the serving graph rather than a captured eager tensor.
+    names = tf.constant(class_names, dtype=tf.string)
+    return {"probabilities": probabilities,
+            "classes": tf.gather(names, indices),
+            "scores": scores}
+
+  return predict
+
+
+def _check_arguments(model, class_names, image_size, top_k):
+  """Raises ValueError on arguments that would export a wrong model."""
+  if not class_names:
+    raise ValueError("class_names is empty.")
+  if len(set(class_names)) != len(class_names):
+    raise ValueError(f"class_names has duplicates: {class_names}.")
+  if any("\n" in name or "\r" in name for name in class_names):
+    raise ValueError("class names must not contain line breaks "
+                     f"(one name per line in {CLASS_NAMES_FILE}).")
+  if image_size < 1 or top_k < 1:
+    raise ValueError(
+        f"image_size={image_size} and top_k={top_k} must both be >= 1.")
+  try:
+    num_outputs = model.output_shape[-1]
+  except (AttributeError, ValueError):
+    return  # A subclassed model has no static output shape to check.
+  if num_outputs != len(class_names):
+    raise ValueError(f"The model has {num_outputs} outputs but there are "
+                     f"{len(class_names)} class names.")
+
+
+def _write_assets(version_dir, class_names, image_size, top_k):
+  """Writes the class names (one per line) and serving metadata."""
+  assets_dir = os.path.join(version_dir, "assets")
+  os.makedirs(assets_dir, exist_ok=True)
+  with open(os.path.join(assets_dir, CLASS_NAMES_FILE), "w",
+            encoding="utf-8") as f:
+    f.write("".join(f"{name}\n" for name in class_names))
+  metadata = {"image_size": image_size, "top_k": top_k,
+              "num_classes": len(class_names)}
+  with open(os.path.join(assets_dir, METADATA_FILE), "w",
+            encoding="utf-8") as f:
+    json.dump(metadata, f, indent=2)
+
+
+def _move_into_place(temp_dir: str, export_root: str) -> str:
+  """Renames `temp_dir` to the next free version; returns the final path.
+
+  os.rename is atomic on one file system, and fails rather than replace a
+  non-empty folder, so an existing version can never be overwritten.
+  """
+  error: Optional[OSError] = None
+  for _ in range(_RENAME_ATTEMPTS):
+    target = os.path.join(export_root, str(next_version(export_root)))
+    try:
+      os.rename(temp_dir, target)
+      return target
+    except OSError as e:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+        raise
+      error = e
+  raise RuntimeError(
+      f"Could not claim a version number in {export_root}.") from error

@@ -1,0 +1,101 @@
+"""Command line: `python -m tf_finetune.main --flagfile=configs/NAME.cfg`.
+
+Kept short on purpose: it defines the flags, turns them into a validated
+`Config`, and hands it to the module that does the job. No other module
+reads FLAGS.
+"""
+
+import logging as pylogging
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter hides our own messages; users can set it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from tf_finetune import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+_D = config_lib.Config  # Defaults live in one place: the Config dataclass.
+
+flags.DEFINE_string("workdir", None, "Output folder (required).")
+flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "Job to run.")
+flags.DEFINE_string("dataset", _D.dataset,
+                    "demo | folder:DIR | tfds:NAME[:VERSION].")
+flags.DEFINE_string("data_dir", _D.data_dir,
+                    "TFDS data folder; also where the demo dataset is written.")
+flags.DEFINE_integer("image_size", _D.image_size, "Square input side, >= 32.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
+flags.DEFINE_float("val_fraction", _D.val_fraction,
+                   "Validation share when the source has no such split.")
+flags.DEFINE_float("test_fraction", _D.test_fraction,
+                   "Test share when the source has no such split.")
+flags.DEFINE_string("weights", _D.weights,
+                    "imagenet | none | PATH to a ResNet50(include_top=False) "
+                    ".weights.h5 file.")
+flags.DEFINE_enum("backbone", _D.backbone, config_lib.BACKBONES, "Backbone.")
+flags.DEFINE_integer("head_epochs", _D.head_epochs, "Epochs of stage head.")
+flags.DEFINE_float("head_learning_rate", _D.head_learning_rate,
+                   "Learning rate of stage head.")
+flags.DEFINE_integer("finetune_epochs", _D.finetune_epochs,
+                     "Epochs of stage finetune.")
+flags.DEFINE_float("finetune_learning_rate", _D.finetune_learning_rate,
+                   "Learning rate of stage finetune.")
+flags.DEFINE_integer("unfreeze_blocks", _D.unfreeze_blocks,
+                     "Residual blocks unfrozen in stage finetune, from the "
+                     "top (0-16).")
+flags.DEFINE_float("dropout", _D.dropout, "Dropout before the head.")
+flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
+flags.DEFINE_string("augment", ",".join(_D.augment),
+                    "Comma list of augmentations, or none.")
+flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
+                  "tf.distribute strategy.")
+flags.DEFINE_integer("virtual_cpu_devices", _D.virtual_cpu_devices,
+                     "Split the CPU into N logical devices (0: don't).")
+flags.DEFINE_bool("jit_compile", _D.jit_compile, "XLA-compile the train step.")
+flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
+                     "augmentation and initialisation.")
+flags.DEFINE_string("export_dir", _D.export_dir,
+                    "SavedModel versions go here; default WORKDIR/export.")
+flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
+
+
+def config_from_flags() -> config_lib.Config:
+  values = {name: FLAGS[name].value for name in config_lib.Config.__annotations__
+            if name in FLAGS}
+  values["augment"] = config_lib.parse_augment(FLAGS.augment)
+  return config_lib.Config(**values).validate()
+
+
+def main(argv):
+  # TensorFlow's own INFO lines (e.g. every SavedModel input renamed) drown
+  # the run's progress; warnings still show.
+  pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    config = config_from_flags()
+    from tf_finetune import train  # Heavy (TensorFlow): after validation.
+    if config.mode == "train":
+      os.makedirs(config.workdir, exist_ok=True)
+      with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
+        f.write(config_lib.to_flagfile(config))
+      train.run_training(config)
+    elif config.mode == "evaluate":
+      train.run_evaluation(config)
+    elif config.mode == "export":
+      train.run_export(config)
+  except config_lib.UserError as e:
+    print(f"tf_finetune: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():
+  """Console-script entry point (`tf-finetune`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

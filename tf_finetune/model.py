@@ -1,0 +1,115 @@
+"""Model stage: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
+
+Preprocessing lives inside the model, so the Keras file and the SavedModel
+take raw pixels and nothing outside the model has to repeat it.
+"""
+
+import os
+
+import keras
+
+from tf_finetune.config import UserError
+
+BACKBONE_NAME = "backbone"
+
+
+@keras.saving.register_keras_serializable(package="tf_finetune")
+class ImageNetPreprocess(keras.layers.Layer):
+  """Casts uint8 pixels to float and applies `keras.applications` preprocessing.
+
+  A registered layer rather than a Lambda, so models load with `safe_mode`.
+  """
+
+  def __init__(self, mode: str = "caffe", **kwargs):
+    super().__init__(**kwargs)
+    self.mode = mode
+
+  def call(self, images):
+    images = keras.ops.cast(images, self.compute_dtype)
+    return keras.applications.imagenet_utils.preprocess_input(
+        images, mode=self.mode)
+
+  def get_config(self):
+    return {**super().get_config(), "mode": self.mode}
+
+
+def build_model(num_classes: int, image_size: int, weights: str = "imagenet",
+                dropout: float = 0.2, seed: int = 42) -> keras.Model:
+  """Builds the classifier; the backbone is the nested model named 'backbone'.
+
+  Args:
+    num_classes: outputs of the softmax head.
+    image_size: square input side in pixels.
+    weights: 'imagenet', 'none', or a path to a `.weights.h5` file saved from
+      `keras.applications.ResNet50(include_top=False)`.
+    dropout: dropout rate before the head.
+    seed: seeds the head's initialiser and dropout.
+
+  Returns:
+    A functional model taking uint8 [None, S, S, 3] and returning float32
+    probabilities [None, num_classes]. All layers are trainable; the stage
+    callback decides what trains.
+  """
+  shape = (image_size, image_size, 3)
+  inputs = keras.Input(shape, dtype="uint8", name="images")
+  x = ImageNetPreprocess(name="preprocess")(inputs)
+  x = build_backbone(shape, weights)(x)
+  x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+  x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+  # float32 output keeps the softmax and the loss stable under mixed precision.
+  outputs = keras.layers.Dense(
+      num_classes, activation="softmax", dtype="float32", name="classifier",
+      kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+  return keras.Model(inputs, outputs, name="classifier_model")
+
+
+def build_backbone(input_shape, weights: str) -> keras.Model:
+  """ResNet50 without its top, with weights from ImageNet, nowhere, or a file."""
+  if weights == "imagenet":
+    return _download_imagenet_backbone(input_shape)
+  backbone = keras.applications.ResNet50(
+      include_top=False, weights=None, input_shape=input_shape,
+      name=BACKBONE_NAME)
+  if weights != "none":
+    load_backbone_weights(backbone, weights)
+  return backbone
+
+
+def _download_imagenet_backbone(input_shape) -> keras.Model:
+  try:
+    return keras.applications.ResNet50(
+        include_top=False, weights="imagenet", input_shape=input_shape,
+        name=BACKBONE_NAME)
+  except Exception as e:  # urllib, OSError, HTTP errors: all mean "no weights".
+    raise UserError(
+        "--weights=imagenet: could not download the ImageNet weights of "
+        f"ResNet50 ({type(e).__name__}: {_first_line(e)}). Without internet "
+        "access, pass --weights=PATH to a local .weights.h5 file of "
+        "ResNet50(include_top=False), or --weights=none.") from e
+
+
+def load_backbone_weights(backbone: keras.Model, path: str) -> None:
+  """Loads a `.weights.h5` file into `backbone`, or raises UserError."""
+  if not path.endswith(".weights.h5"):
+    raise UserError(
+        f"--weights={path!r}: expected 'imagenet', 'none' or a path ending in "
+        ".weights.h5 (saved by ResNet50(include_top=False).save_weights).")
+  if not os.path.isfile(path):
+    raise UserError(f"--weights={path!r}: no such file.")
+  try:
+    backbone.load_weights(path)
+  except Exception as e:  # Keras raises ValueError/KeyError/OSError by case.
+    raise UserError(
+        f"--weights={path!r}: this file does not hold the weights of "
+        f"ResNet50(include_top=False) ({type(e).__name__}: "
+        f"{_first_line(e)}).") from e
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+  """The nested ResNet50 of a model made by `build_model`."""
+  return model.get_layer(BACKBONE_NAME)
+
+
+def _first_line(error: Exception) -> str:
+  # Keras' load errors list every layer; the first line names the problem.
+  return (str(error).strip().splitlines() or [""])[0][:300]

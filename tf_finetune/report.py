@@ -1,0 +1,60 @@
+"""Report stage: report.json (and later plots), written atomically."""
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional
+
+REPORT_FILE = "report.json"
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes JSON to a temp file beside `path`, then renames it into place.
+
+  A crash mid-write leaves the previous file intact, never a truncated one.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
+                             suffix=os.path.basename(path))
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=2, sort_keys=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def build_report(*, class_names: List[str], num_examples: Dict[str, int],
+                 skipped_files: List[Dict], stages: List[Dict],
+                 val_accuracy: float, test_accuracy: Optional[float],
+                 export_path: str, config: Dict, seconds: float) -> Dict:
+  """Assembles report.json's content (the fields DESIGN.md requires, and more).
+
+  `images_per_second` maps each stage's name to its training throughput,
+  measured over its steps after the first (which includes graph tracing).
+  """
+  report = {
+      "class_names": list(class_names),
+      "num_examples": dict(num_examples),
+      "skipped_files": list(skipped_files),
+      "stages": stages,
+      "val_accuracy": val_accuracy,
+      "export_path": export_path,
+      "images_per_second": {s["name"]: s["images_per_second"] for s in stages},
+      "seconds": seconds,
+      "config": config,
+  }
+  if test_accuracy is not None:
+    report["test_accuracy"] = test_accuracy
+  return report
+
+
+def write_report(workdir: str, report: Dict) -> str:
+  path = os.path.join(workdir, REPORT_FILE)
+  write_json_atomic(path, report)
+  return path

@@ -1,0 +1,189 @@
+"""Stage plan and the callback that runs both stages inside one `model.fit`.
+
+Stage "head" trains the new head on a frozen backbone; stage "finetune"
+unfreezes the top residual blocks and trains them with the head at a lower
+learning rate. Every BatchNormalization layer stays frozen in both stages:
+in Keras 3 a non-trainable BatchNormalization runs in inference mode, while
+`backbone(x, training=False)` does not keep its moving statistics fixed once
+the backbone is trainable (DESIGN.md, trap 1).
+
+Switching stages inside `fit` needs two things (DESIGN.md, trap 2): a
+recompile, because a Keras 3 optimizer refuses variables it was not built
+with, and a new train function, because a change of `trainable` only takes
+effect in a newly traced one. `apply_stage` does both, inside the model's
+distribution strategy scope so the new optimizer's variables are mirrored.
+"""
+
+import dataclasses
+import re
+import time
+from typing import Dict, List, Optional
+
+import keras
+
+from tf_finetune.config import RESNET50_BLOCKS, Config
+from tf_finetune.model import get_backbone
+
+HEAD = "head"
+FINETUNE = "finetune"
+
+_BLOCK_PATTERN = re.compile(r"^(conv\d_block\d+)_")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """Which stage each epoch belongs to, and what each stage trains."""
+  head_epochs: int
+  finetune_epochs: int
+  head_learning_rate: float
+  finetune_learning_rate: float
+  unfreeze_blocks: int
+  label_smoothing: float = 0.0
+  jit_compile: bool = False
+
+  @classmethod
+  def from_config(cls, config: Config) -> "StagePlan":
+    return cls(config.head_epochs, config.finetune_epochs,
+               config.head_learning_rate, config.finetune_learning_rate,
+               config.unfreeze_blocks, config.label_smoothing,
+               config.jit_compile)
+
+  @property
+  def total_epochs(self) -> int:
+    return self.head_epochs + self.finetune_epochs
+
+  def stage_at(self, epoch: int) -> str:
+    """The stage of a 0-based epoch index."""
+    return HEAD if epoch < self.head_epochs else FINETUNE
+
+  def epochs_of(self, stage: str) -> int:
+    return self.head_epochs if stage == HEAD else self.finetune_epochs
+
+  def learning_rate_of(self, stage: str) -> float:
+    return (self.head_learning_rate if stage == HEAD
+            else self.finetune_learning_rate)
+
+  def unfrozen_blocks(self, stage: str) -> tuple:
+    """Names of the residual blocks that train in `stage`, bottom to top."""
+    if stage == HEAD or self.unfreeze_blocks == 0:
+      return ()
+    return RESNET50_BLOCKS[-self.unfreeze_blocks:]
+
+
+def block_of(layer_name: str) -> Optional[str]:
+  """'conv5_block3_2_conv' -> 'conv5_block3'; stem and others -> None."""
+  match = _BLOCK_PATTERN.match(layer_name)
+  return match.group(1) if match else None
+
+
+def set_backbone_trainable(backbone: keras.Model, blocks) -> None:
+  """Makes exactly the non-BatchNorm layers of `blocks` trainable."""
+  blocks = set(blocks)
+  backbone.trainable = bool(blocks)
+  for layer in backbone.layers:
+    layer.trainable = (block_of(layer.name) in blocks and not isinstance(
+        layer, keras.layers.BatchNormalization))
+
+
+def compile_model(model: keras.Model, learning_rate: float,
+                  label_smoothing: float = 0.0,
+                  jit_compile: bool = False) -> None:
+  """Compiles with a fresh Adam built on the current trainable variables."""
+  optimizer = keras.optimizers.Adam(learning_rate)
+  model.compile(
+      optimizer=optimizer,
+      loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+      jit_compile=jit_compile)
+  # Built here, eagerly and in the strategy scope, not lazily inside the
+  # first traced train step.
+  optimizer.build(model.trainable_variables)
+
+
+def apply_stage(model: keras.Model, plan: StagePlan, stage: str) -> None:
+  """Freezes/unfreezes for `stage` and recompiles at its learning rate."""
+  with model.distribute_strategy.scope():
+    set_backbone_trainable(get_backbone(model), plan.unfrozen_blocks(stage))
+    compile_model(model, plan.learning_rate_of(stage), plan.label_smoothing,
+                  plan.jit_compile)
+    model.make_train_function(force=True)
+
+
+def count_trainable_params(model: keras.Model) -> int:
+  return int(sum(v.numpy().size for v in model.trainable_variables))
+
+
+class TwoStageCallback(keras.callbacks.Callback):
+  """Switches from stage "head" to "finetune" at the planned epoch.
+
+  Also records, per stage, what the report needs: epochs, learning rate,
+  trainable parameters, seconds, images/second and the Keras history.
+
+  Args:
+    plan: the stage plan.
+    applied_stage: the stage the model was compiled for before `fit`.
+    train_examples: training images per epoch (for images/second).
+    batch_size: global batch size.
+  """
+
+  def __init__(self, plan: StagePlan, applied_stage: str,
+               train_examples: int, batch_size: int):
+    super().__init__()
+    self.plan = plan
+    self.stage = applied_stage
+    self.train_examples = train_examples
+    self.batch_size = batch_size
+    self.records: List[Dict] = []
+    self._batch_start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    stage = self.plan.stage_at(epoch)
+    if self.records and self.records[-1]["name"] == stage:
+      return
+    started = time.perf_counter()  # The switch itself counts in the stage.
+    if stage != self.stage:
+      apply_stage(self.model, self.plan, stage)
+      self.stage = stage
+    self._start_record(stage, started)
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._batch_start = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    record = self.records[-1]
+    # The stage's first step includes graph tracing: throughput leaves it out.
+    if record["_first_step_done"]:
+      record["_step_seconds"] += time.perf_counter() - self._batch_start
+      record["_images"] += min(self.batch_size,
+                               self.train_examples - batch * self.batch_size)
+    record["_first_step_done"] = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs if logs is not None else {}
+    logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+        self.model.optimizer.learning_rate))
+    record = self.records[-1]
+    for key, value in logs.items():
+      record["history"].setdefault(key, []).append(float(value))
+    record["seconds"] = time.perf_counter() - record["_start"]
+    if record["_step_seconds"] > 0:
+      record["images_per_second"] = record["_images"] / record["_step_seconds"]
+
+  def _start_record(self, stage: str, started: float) -> None:
+    self.records.append({
+        "name": stage,
+        "epochs": self.plan.epochs_of(stage),
+        "learning_rate": self.plan.learning_rate_of(stage),
+        "unfrozen_blocks": list(self.plan.unfrozen_blocks(stage)),
+        "trainable_params": count_trainable_params(self.model),
+        "seconds": 0.0,
+        "images_per_second": None,
+        "history": {},
+        "_start": started, "_first_step_done": False,
+        "_step_seconds": 0.0, "_images": 0,
+    })
+
+  def stage_reports(self) -> List[Dict]:
+    """The per-stage records without the private bookkeeping keys."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")}
+            for r in self.records]
