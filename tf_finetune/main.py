@@ -81,11 +81,16 @@ def main(argv):
       os.makedirs(config.workdir, exist_ok=True)
       with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
         f.write(config_lib.to_flagfile(config))
-      train.run_training(config)
+      result = train.run_training(config)
+      print(f"val_accuracy: {result['val_accuracy']:.4f}")
+      print(f"report: {os.path.join(config.workdir, 'report.json')}")
+      print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
-      train.run_evaluation(config)
+      result = train.run_evaluation(config)
+      print(f"{result['split']} accuracy: {result['accuracy']:.4f}")
+      print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
-      train.run_export(config)
+      print(f"export: {train.run_export(config)}")
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
     return 2
