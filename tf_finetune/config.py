@@ -16,8 +16,8 @@ RESNET50_BLOCKS = tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for i in range(1, count + 1))
 
-# "predict" joins with the serving work (issue 6), "tune" with issue 4.
-MODES = ("train", "evaluate", "export")
+# "tune" joins with issue 4.
+MODES = ("train", "evaluate", "export", "predict")
 # "multi_worker" joins when multi-host training lands (issue 5).
 STRATEGIES = ("auto", "one_device", "mirrored")
 BACKBONES = ("resnet50",)
@@ -55,6 +55,7 @@ class Config:
   seed: int = 42
   export_dir: str = ""
   top_k: int = 5
+  inputs: str = ""
 
   @property
   def total_epochs(self) -> int:
@@ -104,7 +105,18 @@ class Config:
            f"--strategy={self.strategy!r}: expected one of {STRATEGIES}.")
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
+    self._check_inputs()
     return self
+
+  def _check_inputs(self) -> None:
+    """--inputs is what --mode=predict classifies; checked before TF loads."""
+    if self.mode != "predict":
+      return
+    import os  # Local, as in resolved_export_dir.
+    _check(bool(self.inputs), "--mode=predict needs --inputs=FILE_OR_DIR: an "
+           "image file or a folder of images to classify.")
+    _check(os.path.exists(self.inputs), f"--inputs={self.inputs!r}: no such "
+           "file or folder.")
 
 
 def _check(condition: bool, message: str) -> None:

@@ -59,6 +59,8 @@ flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
 flags.DEFINE_string("export_dir", _D.export_dir,
                     "SavedModel versions go here; default WORKDIR/export.")
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
+flags.DEFINE_string("inputs", _D.inputs,
+                    "--mode=predict: an image file or a folder of images.")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -86,15 +88,29 @@ def main(argv):
       print(f"report: {os.path.join(config.workdir, 'report.json')}")
       print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
-      result = train.run_evaluation(config)
+      from tf_finetune import evaluate
+      result = evaluate.run_evaluation(config)
       print(f"{result['split']} accuracy: {result['accuracy']:.4f}")
       print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
       print(f"export: {train.run_export(config)}")
+    elif config.mode == "predict":
+      from tf_finetune import predict
+      print_predictions(predict.run_prediction(config), config.workdir)
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def print_predictions(result, workdir):
+  """Summary on stdout; each skipped file on stderr, as it needs attention."""
+  for skipped in result["skipped_files"]:
+    print(f"tf_finetune: skipped {skipped['file']}: {skipped['reason']}",
+          file=sys.stderr)
+  print(f"predicted: {len(result['predictions'])} files with "
+        f"{result['export_path']}, skipped: {len(result['skipped_files'])}")
+  print(f"predictions: {os.path.join(workdir, 'predictions.json')}")
 
 
 def run():

@@ -1,8 +1,8 @@
 """Orchestrates one run: strategy, data, model, both stages, evaluation,
 model file, SavedModel export and report.
 
-Also the small jobs that reuse a trained workdir: `--mode=evaluate` and
-`--mode=export`.
+Also the small job that reuses a trained workdir: `--mode=export`
+(`--mode=evaluate` is in evaluate.py, `--mode=predict` in predict.py).
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, distribute, export, report, stages
+from tf_finetune import data, distribute, export, plots, report, stages
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -64,6 +64,8 @@ def run_training(config: Config,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started)
   path = report.write_report(config.workdir, result)
+  plots.write_curves(result["stages"],
+                     os.path.join(config.workdir, plots.CURVES_FILE))
   logging.info("Report: %s", path)
   logging.info("Export: %s", export_path)
   return result
@@ -114,24 +116,6 @@ def load_trained_model(workdir: str) -> keras.Model:
     raise UserError(f"--workdir={workdir!r}: no {MODEL_FILE} there; train "
                     "first with --mode=train.")
   return keras.models.load_model(path, safe_mode=True)
-
-
-def run_evaluation(config: Config) -> Dict:
-  """`--mode=evaluate`: accuracy of WORKDIR/model.keras on test (else val)."""
-  model = load_trained_model(config.workdir)
-  datasets = data.create_datasets(config)
-  split = "test" if datasets.test is not None else "val"
-  dataset = datasets.test if split == "test" else datasets.val
-  model.compile(loss="categorical_crossentropy",
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-  metrics = model.evaluate(to_one_hot(dataset, len(datasets.class_names)),
-                           verbose=0, return_dict=True)
-  result = {"split": split, "num_examples": datasets.num_examples[split],
-            **{k: float(v) for k, v in metrics.items()}}
-  report.write_json_atomic(os.path.join(config.workdir, "evaluation.json"),
-                           result)
-  logging.info("Evaluation on %s: %s", split, result)
-  return result
 
 
 def run_export(config: Config) -> str:

@@ -1,0 +1,43 @@
+"""Shared by the test files: the command-line runner and ONE real training
+run of configs/smoke.cfg per test session, reused by every test that needs
+a trained workdir (tests/test_main.py, test_evaluate.py, test_predict.py,
+test_serving.py). Tests using it may add files to the workdir but must not
+add export versions: tests/test_main.py checks the layout of the run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*flags, timeout=600):
+  """Runs `python -m tf_finetune.main` from the repository root."""
+  return subprocess.run(
+      [sys.executable, "-m", "tf_finetune.main", *flags], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """One real training run of configs/smoke.cfg through the command line.
+
+  Returns:
+    (workdir, data_dir).
+  """
+  base = tmp_path_factory.mktemp("smoke")
+  workdir, data_dir = str(base / "work"), str(base / "data")
+  result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+                   f"--data_dir={data_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, data_dir
+
+
+@pytest.fixture
+def smoke_flags(smoke_run):
+  """The flags that point a command at the smoke run's workdir and data."""
+  workdir, data_dir = smoke_run
+  return ("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+          f"--data_dir={data_dir}")

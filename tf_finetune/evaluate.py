@@ -1,0 +1,173 @@
+"""Evaluation stage (`--mode=evaluate`): the trained model on held-out data.
+
+Loads WORKDIR/model.keras, runs it over the test split (else the validation
+split) of `--dataset`, and writes WORKDIR/evaluation.json (accuracy, top-5
+accuracy when there are more than 5 classes, per-class precision, recall
+and F1, the confusion matrix) and WORKDIR/confusion_matrix.png.
+
+The metrics are computed from the model's probabilities with numpy, in one
+pass over the split, so every number in the file comes from the same
+predictions.
+"""
+
+import json
+import os
+from typing import Dict, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_finetune import data, plots, report, train
+from tf_finetune.config import Config, UserError
+
+EVALUATION_FILE = "evaluation.json"
+# Top-5 accuracy is reported only above this many classes (at 5 or fewer it
+# is always 1).
+TOP_K = 5
+# Keras' epsilon: the same clipping as its cross-entropy.
+_EPSILON = 1e-7
+
+
+def run_evaluation(config: Config) -> Dict:
+  """`--mode=evaluate`: metrics of WORKDIR/model.keras on test (else val).
+
+  Returns:
+    The content of evaluation.json.
+
+  Raises:
+    UserError: no trained model in the workdir, or `--dataset` has classes
+      other than the ones the model was trained on.
+  """
+  model = train.load_trained_model(config.workdir)
+  datasets = data.create_datasets(config)
+  _check_classes(model, datasets.class_names, config.workdir)
+  split = "test" if datasets.test is not None else "val"
+  labels, probabilities = predict_dataset(model, getattr(datasets, split))
+  result = {"split": split, "num_examples": int(len(labels)),
+            **compute_metrics(labels, probabilities, datasets.class_names)}
+  report.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
+                           result)
+  plots.write_confusion_matrix(
+      np.array(result["confusion_matrix"]), datasets.class_names,
+      os.path.join(config.workdir, plots.CONFUSION_MATRIX_FILE),
+      title=f"{split} split: {len(labels)} images, "
+      f"accuracy {result['accuracy']:.3f}")
+  logging.info("Evaluation on %s: accuracy %.4f", split, result["accuracy"])
+  return result
+
+
+def predict_dataset(model: keras.Model, dataset: tf.data.Dataset
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+  """Runs `model` over batches of (images, labels).
+
+  Returns:
+    (labels int [N], probabilities float [N, C]), in the dataset's order.
+  """
+  labels, probabilities = [], []
+  for images, batch_labels in dataset:
+    probabilities.append(np.asarray(model.predict_on_batch(images)))
+    labels.append(batch_labels.numpy())
+  if not labels:
+    raise UserError("--dataset: the evaluation split is empty.")
+  return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def compute_metrics(labels: np.ndarray, probabilities: np.ndarray,
+                    class_names: Sequence[str]) -> Dict:
+  """Classification metrics from true labels and predicted probabilities.
+
+  Args:
+    labels: int [N], true class indices.
+    probabilities: float [N, C], the model's outputs.
+    class_names: the C names; label i is class_names[i].
+
+  Returns:
+    {"accuracy", "loss" (cross-entropy, no label smoothing),
+    "top_5_accuracy" (only when C > 5), "per_class" ({name: {"precision",
+    "recall", "f1", "support"}}), "macro_avg" (unweighted means of the
+    per-class precision, recall, F1), "confusion_matrix" (C x C counts,
+    rows = true class, columns = predicted class, in class_names order)}.
+    A class never predicted has precision 0, one never present recall 0
+    (scikit-learn's `zero_division=0`).
+  """
+  labels = np.asarray(labels, dtype=np.int64)
+  probabilities = np.asarray(probabilities, dtype=np.float64)
+  num_classes = len(class_names)
+  matrix = confusion_matrix(labels, probabilities.argmax(axis=-1), num_classes)
+  true_probability = probabilities[np.arange(len(labels)), labels]
+  result = {
+      "accuracy": float(np.trace(matrix) / len(labels)),
+      "loss": float(np.mean(-np.log(np.clip(true_probability, _EPSILON,
+                                            1.0)))),
+  }
+  if num_classes > TOP_K:
+    result[f"top_{TOP_K}_accuracy"] = top_k_accuracy(labels, probabilities,
+                                                     TOP_K)
+  per_class = per_class_scores(matrix)
+  result["per_class"] = {name: scores
+                         for name, scores in zip(class_names, per_class)}
+  result["macro_avg"] = {
+      key: float(np.mean([scores[key] for scores in per_class]))
+      for key in ("precision", "recall", "f1")}
+  result["confusion_matrix"] = matrix.tolist()
+  return result
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """int [C, C]: entry [i, j] counts examples of class i predicted as j."""
+  flat = np.bincount(labels * num_classes + predicted,
+                     minlength=num_classes * num_classes)
+  return flat.reshape(num_classes, num_classes)
+
+
+def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray,
+                   k: int) -> float:
+  """Share of examples whose true class is among the k most probable."""
+  top = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+  return float(np.mean(np.any(top == labels[:, None], axis=-1)))
+
+
+def per_class_scores(matrix: np.ndarray) -> list:
+  """[{"precision", "recall", "f1", "support"}] per class of a confusion matrix."""
+  true_positives = np.diag(matrix).astype(float)
+  predicted = matrix.sum(axis=0)
+  actual = matrix.sum(axis=1)
+  precision = _safe_divide(true_positives, predicted)
+  recall = _safe_divide(true_positives, actual)
+  f1 = _safe_divide(2 * precision * recall, precision + recall)
+  return [{"precision": float(p), "recall": float(r), "f1": float(f),
+           "support": int(s)}
+          for p, r, f, s in zip(precision, recall, f1, actual)]
+
+
+def _safe_divide(numerator, denominator):
+  denominator = np.asarray(denominator, dtype=float)
+  return np.divide(numerator, denominator,
+                   out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def _check_classes(model: keras.Model, class_names: Sequence[str],
+                   workdir: str) -> None:
+  """The dataset must have the classes the model was trained on."""
+  trained = _trained_class_names(workdir)
+  num_outputs = model.output_shape[-1]
+  if trained is not None and list(trained) != list(class_names):
+    raise UserError(
+        f"--dataset: its classes {list(class_names)} differ from the ones "
+        f"the model in {workdir!r} was trained on {list(trained)}.")
+  if num_outputs != len(class_names):
+    raise UserError(
+        f"--dataset: it has {len(class_names)} classes but the model in "
+        f"{workdir!r} has {num_outputs} outputs.")
+
+
+def _trained_class_names(workdir: str):
+  """Class names from report.json, or None without one."""
+  path = os.path.join(workdir, report.REPORT_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("class_names")

@@ -1,0 +1,150 @@
+"""Plots of a run, as PNG files: training curves and the confusion matrix.
+
+Drawn on matplotlib's Agg canvas directly (no pyplot): no display needed,
+no global backend switch, and nothing kept alive between figures. Each file
+is written beside its target and renamed into place, like the JSON files.
+"""
+
+import os
+import tempfile
+from typing import Dict, List, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+CURVES_FILE = "curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+# One panel per metric; the "val_" series of a metric shares its panel.
+CURVE_PANELS = ("loss", "accuracy", "learning_rate")
+# Above this many classes the per-cell counts would be unreadable.
+_MAX_ANNOTATED_CLASSES = 30
+
+
+def stage_boundaries(stages: Sequence[Dict]) -> List[float]:
+  """x positions (between two epochs) where each stage after the first starts.
+
+  Epochs are numbered 1, 2, ... across all stages, as in TensorBoard's one
+  epoch axis; a stage's length is the epochs it recorded in its history.
+  """
+  boundaries, epochs = [], 0
+  for index, stage in enumerate(stages):
+    if index > 0:
+      boundaries.append(epochs + 0.5)
+    epochs += _recorded_epochs(stage)
+  return boundaries
+
+
+def build_curves_figure(stages: Sequence[Dict]) -> Figure:
+  """Loss, accuracy and learning rate of all stages on one epoch axis.
+
+  Args:
+    stages: report.json's "stages": dicts with "name" and "history" (Keras
+      metric lists, one value per epoch of that stage).
+
+  Returns:
+    The figure: one axes per metric in CURVE_PANELS that the history has,
+    each with a dashed vertical line where a new stage starts.
+  """
+  panels = [m for m in CURVE_PANELS
+            if any(m in s["history"] for s in stages)]
+  figure = Figure(figsize=(6.4, 2.4 * max(len(panels), 1)),
+                  layout="constrained")
+  for index, metric in enumerate(panels):
+    axes = figure.add_subplot(len(panels), 1, index + 1)
+    for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+      values = _concatenate(stages, key)
+      if values is not None:
+        axes.plot(np.arange(1, len(values) + 1), values, marker="o",
+                  label=label)
+    _mark_stages(axes, stages)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(metric.replace("_", " "))
+    if metric == "learning_rate":
+      axes.set_yscale("log")
+    axes.legend(loc="best", fontsize="small")
+  if panels:
+    axes.set_xlabel("epoch")
+  return figure
+
+
+def write_curves(stages: Sequence[Dict], path: str) -> str:
+  """Draws `build_curves_figure(stages)` into the PNG file `path`."""
+  save_figure_atomic(build_curves_figure(stages), path)
+  return path
+
+
+def build_confusion_matrix_figure(matrix: np.ndarray,
+                                  class_names: Sequence[str],
+                                  title: str = "") -> Figure:
+  """Counts of true class (rows) against predicted class (columns)."""
+  matrix = np.asarray(matrix)
+  size = min(4 + 0.45 * len(class_names), 30)
+  figure = Figure(figsize=(size, size), layout="constrained")
+  axes = figure.add_subplot()
+  image = axes.imshow(matrix, cmap="Blues")
+  figure.colorbar(image, ax=axes, shrink=0.8)
+  ticks = np.arange(len(class_names))
+  axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
+  axes.set_yticks(ticks, labels=class_names)
+  axes.set_xlabel("predicted class")
+  axes.set_ylabel("true class")
+  axes.set_title(title)
+  if len(class_names) <= _MAX_ANNOTATED_CLASSES:
+    threshold = matrix.max() / 2
+    for (row, column), count in np.ndenumerate(matrix):
+      axes.text(column, row, str(count), ha="center", va="center",
+                color="white" if count > threshold else "black")
+  return figure
+
+
+def write_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
+                           path: str, title: str = "") -> str:
+  """Draws `build_confusion_matrix_figure` into the PNG file `path`."""
+  save_figure_atomic(
+      build_confusion_matrix_figure(matrix, class_names, title), path)
+  return path
+
+
+def save_figure_atomic(figure: Figure, path: str) -> None:
+  """Renders `figure` as PNG to a temp file beside `path`, then renames it."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+  try:
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
+    FigureCanvasAgg(figure).print_png(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _recorded_epochs(stage: Dict) -> int:
+  return max((len(v) for v in stage["history"].values()), default=0)
+
+
+def _concatenate(stages, key):
+  """One list over all stages, or None if no stage recorded `key`.
+
+  A stage that lacks the key (e.g. no validation data) contributes NaNs so
+  the later stages stay at their true epochs.
+  """
+  if not any(key in s["history"] for s in stages):
+    return None
+  values = []
+  for stage in stages:
+    values.extend(stage["history"].get(key, [np.nan] * _recorded_epochs(stage)))
+  return np.asarray(values, dtype=float)
+
+
+def _mark_stages(axes, stages):
+  for boundary, stage in zip(stage_boundaries(stages), stages[1:]):
+    axes.axvline(boundary, color="gray", linestyle="--", linewidth=1)
+    axes.annotate(f"{stage['name']} starts", (boundary, 1.0),
+                  xycoords=("data", "axes fraction"), xytext=(3, -3),
+                  textcoords="offset points", va="top", fontsize="small",
+                  color="gray")
