@@ -162,22 +162,22 @@ def read_metadata(path: str) -> Dict[str, int]:
 
 def _make_predict_fn(model, class_names, top_k):
   """Returns images -> {probabilities, classes, scores}, for both signatures."""
-  num_classes = len(class_names)
-  k = min(top_k, num_classes)
-
-  def run_model(images):
-    # float32 whatever the model's dtype policy (mixed precision), as the
-    # contract says.
-    return tf.cast(model(images, training=False), tf.float32)
+  k = min(top_k, len(class_names))
 
   def predict(images):
     # Workaround: with oneDNN (TF 2.21's default on x86 CPUs) Conv2D returns
     # an empty batch unchanged ([0, 32, 32, 3] -> [0, 32, 32, 3]), so the
     # model fails on it ("Matrix size-incompatible" in the head). An empty
-    # request gets empty outputs without running the model.
-    probabilities = tf.cond(
-        tf.shape(images)[0] > 0, lambda: run_model(images),
-        lambda: tf.zeros([0, num_classes], tf.float32))
+    # request is padded with one blank image whose answer is sliced off; a
+    # non-empty one gets no padding. (A tf.cond would also do, but it makes
+    # the SavedModel writer log hundreds of renamed captured inputs.)
+    count = tf.shape(images)[0]
+    padding = tf.zeros(tf.concat([[tf.maximum(1 - count, 0)],
+                                  tf.shape(images)[1:]], 0), images.dtype)
+    padded = tf.concat([images, padding], 0)
+    # float32 whatever the model's dtype policy (mixed precision), as the
+    # contract says.
+    probabilities = tf.cast(model(padded, training=False), tf.float32)[:count]
     scores, indices = tf.math.top_k(probabilities, k=k)
     # Created inside the traced function, so the names are a Const node of
     # the serving graph rather than a captured eager tensor.
