@@ -22,6 +22,11 @@ MODES = ("train", "evaluate", "export", "predict")
 STRATEGIES = ("auto", "one_device", "mirrored")
 BACKBONES = ("resnet50",)
 DATASET_SCHEMES = ("demo", "folder:", "tfds:")
+# Speed switches (issue 8). "auto" is resolved per machine in speed.py.
+JIT_COMPILE_CHOICES = ("auto", "true", "false")
+MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
+                           "mixed_bfloat16")
+CACHE_FEATURES_CHOICES = ("auto", "true", "false")
 
 
 class UserError(Exception):
@@ -51,11 +56,15 @@ class Config:
   augment: Tuple[str, ...] = ("flip", "rotation", "zoom")
   strategy: str = "auto"
   virtual_cpu_devices: int = 0
-  jit_compile: bool = False
+  jit_compile: str = "auto"
   seed: int = 42
   export_dir: str = ""
   top_k: int = 5
   inputs: str = ""
+  mixed_precision: str = "auto"
+  cache_features: str = "auto"
+  feature_views: int = 1
+  cache_memory_mb: int = 1024
 
   @property
   def total_epochs(self) -> int:
@@ -106,6 +115,7 @@ class Config:
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
     self._check_inputs()
+    self._check_speed_switches()
     return self
 
   def _check_inputs(self) -> None:
@@ -117,6 +127,51 @@ class Config:
            "image file or a folder of images to classify.")
     _check(os.path.exists(self.inputs), f"--inputs={self.inputs!r}: no such "
            "file or folder.")
+
+
+  def _check_speed_switches(self) -> None:
+    """XLA, precision and stage-1 feature caching (issue 8)."""
+    for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
+                          ("mixed_precision", MIXED_PRECISION_CHOICES),
+                          ("cache_features", CACHE_FEATURES_CHOICES)):
+      value = getattr(self, name)
+      _check(value in choices, f"--{name}={value!r}: expected one of {choices}.")
+    _check(self.feature_views >= 1,
+           f"--feature_views={self.feature_views}: must be >= 1.")
+    _check(self.cache_memory_mb >= 0,
+           f"--cache_memory_mb={self.cache_memory_mb}: must be >= 0.")
+    if self.cache_features == "false":
+      return
+    if self.cache_features == "true":
+      _check(self.head_epochs >= 1, "--cache_features=true caches the "
+             "backbone features for stage head, but --head_epochs=0.")
+      _check(not self.augment or self.feature_views >= 2,
+             f"--cache_features=true with --augment={','.join(self.augment)} "
+             "and --feature_views=1 would train every head epoch on one fixed "
+             "augmented view, silently giving up augmentation. Cache K "
+             "augmented views with --feature_views=K (2 to --head_epochs), "
+             "or set --augment=none, or --cache_features=false.")
+    _check(self.augment or self.feature_views == 1,
+           f"--feature_views={self.feature_views} with --augment=none: "
+           "without augmentation every view is the same image; use "
+           "--feature_views=1.")
+    _check(self.feature_views <= max(self.head_epochs, 1),
+           f"--feature_views={self.feature_views} exceeds --head_epochs="
+           f"{self.head_epochs}: epoch e trains on view e mod K, so views "
+           "beyond the number of head epochs would be computed and never used.")
+
+  @property
+  def caches_features(self) -> bool:
+    """Whether stage head trains on cached backbone features.
+
+    "auto" caches whenever that trains on what the run would have seen
+    anyway: no augmentation (one view is exact), or augmentation with
+    --feature_views >= 2 asked for explicitly.
+    """
+    if self.cache_features == "false" or self.head_epochs == 0:
+      return False
+    return (self.cache_features == "true" or not self.augment
+            or self.feature_views >= 2)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -53,7 +53,10 @@ flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
                   "tf.distribute strategy.")
 flags.DEFINE_integer("virtual_cpu_devices", _D.virtual_cpu_devices,
                      "Split the CPU into N logical devices (0: don't).")
-flags.DEFINE_bool("jit_compile", _D.jit_compile, "XLA-compile the train step.")
+flags.DEFINE_enum("jit_compile", _D.jit_compile, config_lib.JIT_COMPILE_CHOICES,
+                  "XLA-compile the train step. auto: on with GPUs, off on "
+                  "CPUs (compiling costs more than it saves there).",
+                  case_sensitive=False)
 flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
                      "augmentation and initialisation.")
 flags.DEFINE_string("export_dir", _D.export_dir,
@@ -61,6 +64,22 @@ flags.DEFINE_string("export_dir", _D.export_dir,
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
 flags.DEFINE_string("inputs", _D.inputs,
                     "--mode=predict: an image file or a folder of images.")
+flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
+                  config_lib.MIXED_PRECISION_CHOICES,
+                  "Keras dtype policy. auto: mixed_float16 on GPUs of compute "
+                  "capability >= 7, else float32.")
+flags.DEFINE_enum("cache_features", _D.cache_features,
+                  config_lib.CACHE_FEATURES_CHOICES,
+                  "Stage head trains on backbone features computed once per "
+                  "view. auto: when --augment=none or --feature_views >= 2.",
+                  case_sensitive=False)
+flags.DEFINE_integer("feature_views", _D.feature_views,
+                     "Augmented views per training image in the feature "
+                     "cache; head epoch e uses view e mod K (1: no "
+                     "augmentation).")
+flags.DEFINE_integer("cache_memory_mb", _D.cache_memory_mb,
+                     "Feature cache held in memory up to this size; the rest "
+                     "goes to files under WORKDIR/feature_cache/.")
 
 
 def config_from_flags() -> config_lib.Config:

@@ -15,7 +15,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, distribute, export, plots, report, stages
+from tf_finetune import data, distribute, export, features, plots, report
+from tf_finetune import speed, stages
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -31,17 +32,20 @@ def run_training(config: Config,
   keras.utils.set_random_seed(config.seed)
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
+  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
   datasets = data.create_datasets(config)
   num_classes = len(datasets.class_names)
-  plan = stages.StagePlan.from_config(config)
-  with strategy.scope():
+  plan = stages.StagePlan.from_config(config, switches.jit_compile)
+  with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_model(num_classes, config.image_size, config.weights,
                         config.dropout, config.seed)
   first_stage = plan.stage_at(0)
   stages.apply_stage(model, plan, first_stage)
   stage_callback = stages.TwoStageCallback(
       plan, first_stage, datasets.num_examples["train"], config.batch_size)
-  model.fit(
+  # model.fit, or stage head on cached features first (features.py).
+  fit = features.choose_fit(model, config, plan, switches, stage_callback)
+  fit(
       to_one_hot(datasets.train, num_classes),
       validation_data=to_one_hot(datasets.val, num_classes),
       epochs=plan.total_epochs,
@@ -62,7 +66,8 @@ def run_training(config: Config,
       test_accuracy=accuracies.get("test"),
       export_path=export_path,
       config=dataclasses.asdict(config),
-      seconds=time.perf_counter() - started)
+      seconds=time.perf_counter() - started,
+      speed=switches.describe())
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE))
