@@ -317,3 +317,25 @@ def test_cli_refuses_caching_that_would_drop_augmentation(tmp_path):
   assert result.returncode == 2
   assert "--cache_features=true with --augment=flip" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_bench_train_prints_both_recipes_and_the_speedups(tmp_path):
+  """The benchmark tool end to end at toy size (no timing asserted)."""
+  import re
+  import subprocess
+  import sys
+  from conftest import ROOT
+  result = subprocess.run(
+      [sys.executable, "tools/bench_train.py", f"--workdir={tmp_path}",
+       "--images=40", "--image_size=32", "--head_epochs=2",
+       "--finetune_epochs=1", "--unfreeze_blocks=1", "--batch_size=16"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert re.fullmatch(r"stage1_speedup: \d+\.\d\d", lines[-2])
+  assert re.fullmatch(r"total_speedup: \d+\.\d\d", lines[-1])
+  for row in ("tutorial#1 head", "tutorial#1 finetune", "package#1 head",
+              "package#1 finetune"):
+    assert any(line.startswith(row) for line in lines), row
+  assert '"stage1_mode": "cached_features"' in result.stdout
+  assert sum("val_accuracy" in line for line in lines) == 2
