@@ -387,11 +387,12 @@ class Checkpointer(keras.callbacks.Callback):
     bad = [v.path for v in self.model.weights
            if not np.all(np.isfinite(v.numpy()))]
     if bad:
-      position = self._where(min(epoch, self.plan.total_epochs - 1), step)
+      stage = self.stage_callback.stage
+      position = describe_position(epoch, step, self.plan.total_epochs)
       raise TrainingDiverged(
-          f"Weights became NaN or infinite ({', '.join(bad[:3])}) by "
-          f"{position}. {self._kept()} Lower the learning rate and rerun "
-          "with --fresh.")
+          f"Weights became NaN or infinite ({', '.join(bad[:3])}) in stage "
+          f"{stage!r}, {position}. {self._kept()} Lower "
+          f"--{stage}_learning_rate and rerun with --fresh.")
 
   def _raise_preempted(self, epoch: int, step: int) -> None:
     position = describe_position(epoch, step, self.plan.total_epochs)
