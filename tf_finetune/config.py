@@ -28,6 +28,15 @@ class UserError(Exception):
   """A problem with the user's input: reported as one paragraph, no trace."""
 
 
+class Preempted(Exception):
+  """SIGTERM stopped training after a checkpoint; rerunning resumes it."""
+
+# Config fields that describe an action of one invocation, not the run:
+# flags.cfg leaves them out, so reusing it as --flagfile never wipes
+# checkpoints (--fresh).
+NOT_RECORDED = ("fresh",)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything one run needs. Field names equal the flag names."""
@@ -56,6 +65,8 @@ class Config:
   export_dir: str = ""
   top_k: int = 5
   inputs: str = ""
+  save_every_steps: int = 0
+  fresh: bool = False
 
   @property
   def total_epochs(self) -> int:
@@ -106,6 +117,7 @@ class Config:
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
     self._check_inputs()
+    self._validate_fault_tolerance()
     return self
 
   def _check_inputs(self) -> None:
@@ -117,6 +129,20 @@ class Config:
            "image file or a folder of images to classify.")
     _check(os.path.exists(self.inputs), f"--inputs={self.inputs!r}: no such "
            "file or folder.")
+
+  def _validate_fault_tolerance(self) -> None:
+    """Checks the checkpointing flags and the --weights file type."""
+    _check(self.weights in ("imagenet", "none")
+           or self.weights.endswith(".weights.h5"),
+           f"--weights={self.weights!r}: expected 'imagenet', 'none' or a "
+           "path ending in .weights.h5; only weight files are accepted, "
+           "never a whole model (.keras, .h5, SavedModel) that could carry "
+           "code.")
+    _check(self.save_every_steps >= 0,
+           f"--save_every_steps={self.save_every_steps}: must be >= 0 "
+           "(0: a checkpoint at the end of every epoch only).")
+    _check(not self.fresh or self.mode == "train",
+           f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -134,6 +160,8 @@ def to_flagfile(config: Config) -> str:
   """The config as absl flag lines, reusable as `--flagfile`."""
   lines = []
   for field in dataclasses.fields(config):
+    if field.name in NOT_RECORDED:
+      continue
     value = getattr(config, field.name)
     if isinstance(value, bool):
       value = "true" if value else "false"

@@ -17,6 +17,9 @@ from absl import app, flags  # noqa: E402
 from tf_finetune import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
+# 128 + SIGTERM, the shell's code for "terminated": job schedulers then see
+# an unfinished run and restart it, and the restart resumes.
+PREEMPTED_EXIT_CODE = 143
 _D = config_lib.Config  # Defaults live in one place: the Config dataclass.
 
 flags.DEFINE_string("workdir", None, "Output folder (required).")
@@ -61,6 +64,11 @@ flags.DEFINE_string("export_dir", _D.export_dir,
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
 flags.DEFINE_string("inputs", _D.inputs,
                     "--mode=predict: an image file or a folder of images.")
+flags.DEFINE_integer("save_every_steps", _D.save_every_steps,
+                     "Also checkpoint every N training steps (0: at the end "
+                     "of each epoch only).")
+flags.DEFINE_bool("fresh", _D.fresh, "Delete WORKDIR/checkpoints and train "
+                  "from the start instead of resuming.")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -80,9 +88,13 @@ def main(argv):
     config = config_from_flags()
     from tf_finetune import train  # Heavy (TensorFlow): after validation.
     if config.mode == "train":
+      from tf_finetune import checkpoints
+      # Before flags.cfg is rewritten: a refused run must not replace the
+      # flags of the run whose checkpoints are there.
+      checkpoints.check_workdir(config)
       os.makedirs(config.workdir, exist_ok=True)
-      with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
-        f.write(config_lib.to_flagfile(config))
+      checkpoints.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
+                                    config_lib.to_flagfile(config))
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
       print(f"report: {os.path.join(config.workdir, 'report.json')}")
@@ -100,6 +112,9 @@ def main(argv):
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
     return 2
+  except config_lib.Preempted as e:
+    print(f"tf_finetune: {e}", file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
   return 0
 
 

@@ -9,13 +9,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, distribute, export, plots, report, stages
+from tf_finetune import (checkpoints, data, distribute, export, plots, report,
+                         stages)
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -27,6 +28,7 @@ def run_training(config: Config,
                  ) -> Dict:
   """Trains both stages, evaluates, saves, exports; returns the report."""
   started = time.perf_counter()
+  resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
   os.makedirs(config.workdir, exist_ok=True)
   keras.utils.set_random_seed(config.seed)
   strategy = distribute.create_strategy(config.strategy,
@@ -37,17 +39,10 @@ def run_training(config: Config,
   with strategy.scope():
     model = build_model(num_classes, config.image_size, config.weights,
                         config.dropout, config.seed)
-  first_stage = plan.stage_at(0)
-  stages.apply_stage(model, plan, first_stage)
-  stage_callback = stages.TwoStageCallback(
-      plan, first_stage, datasets.num_examples["train"], config.batch_size)
-  model.fit(
-      to_one_hot(datasets.train, num_classes),
-      validation_data=to_one_hot(datasets.val, num_classes),
-      epochs=plan.total_epochs,
-      callbacks=[stage_callback, *create_logging_callbacks(config.workdir),
-                 *extra_callbacks],
-      verbose=2)
+  stage_callback = start_stages(model, plan, resume, config,
+                                datasets.num_examples["train"])
+  fit_remaining(model, datasets, config, stage_callback, resume,
+                extra_callbacks)
   accuracies = evaluate_splits(model, datasets)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   export_path = export.export_saved_model(
@@ -66,9 +61,59 @@ def run_training(config: Config,
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE))
+  # The run is complete: a rerun starts over rather than resume.
+  checkpoints.remove_checkpoints(config.workdir)
   logging.info("Report: %s", path)
   logging.info("Export: %s", export_path)
   return result
+
+
+def start_stages(model: keras.Model, plan: stages.StagePlan,
+                 resume: Optional[checkpoints.TrainingState], config: Config,
+                 train_examples: int) -> stages.TwoStageCallback:
+  """Compiles `model` for its first stage, or restores a checkpoint into it
+  (stage, weights, optimizer); returns the stage callback to train with."""
+  if resume is None:
+    stage = plan.stage_at(0)
+    stages.apply_stage(model, plan, stage)
+  else:
+    stage = resume.stage
+    checkpoints.restore(model, plan, resume, config.workdir)
+  stage_callback = stages.TwoStageCallback(plan, stage, train_examples,
+                                           config.batch_size)
+  if resume is not None:
+    stage_callback.restore_records(resume.records, resume.epoch, resume.step)
+  return stage_callback
+
+
+def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
+                  stage_callback: stages.TwoStageCallback,
+                  resume: Optional[checkpoints.TrainingState],
+                  extra_callbacks: Sequence[keras.callbacks.Callback] = ()
+                  ) -> None:
+  """Trains the epochs (and steps) not done yet, checkpointing as it goes."""
+  num_classes = len(datasets.class_names)
+  logs = os.path.join(config.workdir, "logs")
+  if resume is not None:
+    checkpoints.trim_csv_log(os.path.join(logs, "training.csv"), resume.epoch)
+  checkpointer = checkpoints.Checkpointer(
+      config.workdir, config, stage_callback,
+      checkpoints.count_steps(datasets.num_examples["train"],
+                              config.batch_size), resume)
+  # The checkpointer comes last: it saves once the other callbacks, the
+  # CSV log included, have seen the epoch.
+  callbacks = [stage_callback,
+               *create_logging_callbacks(config.workdir,
+                                         append=resume is not None),
+               *extra_callbacks, checkpointer,
+               checkpoints.EpochProgress(config.total_epochs)]
+  train = to_one_hot(datasets.train, num_classes)
+  with checkpointer.catch_sigterm():
+    for segment in checkpoints.fit_segments(resume, config.total_epochs):
+      model.fit(train.skip(segment.skip_batches),
+                validation_data=to_one_hot(datasets.val, num_classes),
+                initial_epoch=segment.initial_epoch, epochs=segment.epochs,
+                callbacks=callbacks, verbose=2)
 
 
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
@@ -77,13 +122,15 @@ def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def create_logging_callbacks(workdir: str):
+def create_logging_callbacks(workdir: str, append: bool = False):
   """TensorBoard and CSV logs under WORKDIR/logs/, one epoch axis for both
-  stages (the stages share one `fit`)."""
+  stages (the stages share one `fit`). `append` continues the CSV log of a
+  resumed run (and its second fit) instead of starting a new one."""
   logs = os.path.join(workdir, "logs")
   os.makedirs(logs, exist_ok=True)
   return [keras.callbacks.TensorBoard(logs, write_graph=False),
-          keras.callbacks.CSVLogger(os.path.join(logs, "training.csv"))]
+          keras.callbacks.CSVLogger(os.path.join(logs, "training.csv"),
+                                    append=append)]
 
 
 def evaluate_splits(model: keras.Model, datasets: data.Datasets
@@ -115,7 +162,28 @@ def load_trained_model(workdir: str) -> keras.Model:
   if not os.path.isfile(path):
     raise UserError(f"--workdir={workdir!r}: no {MODEL_FILE} there; train "
                     "first with --mode=train.")
-  return keras.models.load_model(path, safe_mode=True)
+  return load_model_safely(path)
+
+
+def load_model_safely(path: str) -> keras.Model:
+  """Loads a `.keras` file with safe_mode on, or raises UserError.
+
+  safe_mode refuses to deserialize Python code (a Lambda layer's function):
+  loading a model must never run code that came with the file.
+  """
+  try:
+    return keras.models.load_model(path, safe_mode=True)
+  except Exception as e:  # Keras raises ValueError/TypeError/OSError by case.
+    message = str(e).strip()
+    if "safe_mode" in message:
+      raise UserError(
+          f"{path}: refused, the model contains Python code (e.g. a Lambda "
+          "layer) and models are loaded with Keras safe_mode on, which never "
+          "runs code from a file. Retrain it with tf_finetune, or rebuild it "
+          "from registered layers.") from e
+    raise UserError(f"{path}: not a loadable Keras model ({type(e).__name__}: "
+                    f"{message.splitlines()[0][:300] if message else ''})."
+                    ) from e
 
 
 def run_export(config: Config) -> str:
