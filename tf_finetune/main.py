@@ -76,15 +76,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config = config_from_flags()
-    from tf_finetune import train  # Heavy (TensorFlow): after validation.
+    from tf_finetune import distribute, train  # Heavy: after validation.
     if config.mode == "train":
-      os.makedirs(config.workdir, exist_ok=True)
-      with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
-        f.write(config_lib.to_flagfile(config))
+      # In a multi-worker run only the chief writes into the workdir.
+      chief = distribute.is_chief(config.strategy)
+      if chief:
+        os.makedirs(config.workdir, exist_ok=True)
+        with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
+          f.write(config_lib.to_flagfile(config))
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
-      print(f"report: {os.path.join(config.workdir, 'report.json')}")
-      print(f"export: {result['export_path']}")
+      if chief:
+        print(f"report: {os.path.join(config.workdir, 'report.json')}")
+        print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
       result = train.run_evaluation(config)
       print(f"{result['split']} accuracy: {result['accuracy']:.4f}")
