@@ -387,6 +387,7 @@ def test_the_chief_is_worker_zero_or_the_chief_task(monkeypatch):
     (None, "needs TF_CONFIG naming a cluster"),
     ('{"cluster": {"worker": ["a:1"]}}', "needs TF_CONFIG naming a cluster"),
     ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": "a:1,b:1"}}', "lists of host:port"),
     ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", '
      '"index": 2}}', "'task' must name this machine's"),
 ])

@@ -12,13 +12,13 @@
                 mirrored when more than one GPU is visible, else one_device.
 
 `--batch_size` is the global batch: tf.distribute splits each batch across
-all replicas of all workers, so the same flags run the same optimisation on
-any number of devices, and the learning rates are never rescaled.
+all replicas of all workers, so the same flags mean the same batches and
+learning rates on any number of devices. Learning rates are never rescaled.
 
-Multi-worker runs need three more things from this module: a workaround for
-Keras' `fit` under MultiWorkerMirroredStrategy (`install_keras_multi_worker_fix`),
-chief-only outputs (`chief_outputs`) and a clear error when a peer dies
-(`explain_peer_failures`).
+Multi-worker runs need three more things from this module: a workaround
+for Keras' `fit` under MultiWorkerMirroredStrategy
+(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`)
+and a clear error when a peer dies (`explain_peer_failures`).
 """
 
 import contextlib
@@ -56,9 +56,14 @@ def read_tf_config() -> Optional[Dict]:
     tf_config = json.loads(raw)
   except json.JSONDecodeError as e:
     raise ClusterError(f"{TF_CONFIG} is not valid JSON ({e}).") from e
-  if not isinstance(tf_config, dict):
-    raise ClusterError(f"{TF_CONFIG} must be a JSON object with 'cluster' and "
-                       f"'task', got {raw[:200]!r}.")
+  cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else 0
+  if not (isinstance(cluster, dict)
+          and all(isinstance(hosts, list) for hosts in cluster.values())
+          and isinstance(tf_config.get("task", {}), dict)):
+    raise ClusterError(
+        f"{TF_CONFIG} must be a JSON object whose 'cluster' maps job names to "
+        f"lists of host:port and whose 'task' names this machine's job and "
+        f"index; got {raw[:300]!r}.")
   return tf_config
 
 
@@ -195,8 +200,10 @@ def _create_multi_worker_strategy(tf_config, virtual_cpu_devices: int):
 
 def is_multi_worker(strategy) -> bool:
   """True for a MultiWorkerMirroredStrategy spanning more than one worker."""
+  # pylint: disable=protected-access
+  # Keras gates its multi-worker code paths on exactly this test.
   return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-          and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
+          and strategy.extended._in_multi_worker_mode())
 
 
 def check_batch_split(strategy, batch_size: int,
@@ -314,10 +321,11 @@ def _describe(error: tf.errors.OpError) -> str:
 
 def install_keras_multi_worker_fix() -> None:
   """Patches the two Keras internals above; idempotent."""
-  from keras.src.backend.tensorflow import trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access,g-import-not-at-top
+  from keras.src.backend.tensorflow import trainer
   if getattr(trainer, "_tf_finetune_multi_worker_fix", False):
     return
-  build = trainer.TensorFlowTrainer._maybe_symbolic_build  # pylint: disable=protected-access
+  build = trainer.TensorFlowTrainer._maybe_symbolic_build
   reduce_per_replica = trainer.reduce_per_replica
 
   def maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -338,6 +346,6 @@ def install_keras_multi_worker_fix() -> None:
           lambda v: strategy.reduce("MEAN", v, axis=None), values)
     return reduce_per_replica(values, strategy, reduction)
 
-  trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build  # pylint: disable=protected-access
+  trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
   trainer.reduce_per_replica = reduce_across_workers
-  trainer._tf_finetune_multi_worker_fix = True  # pylint: disable=protected-access
+  trainer._tf_finetune_multi_worker_fix = True
