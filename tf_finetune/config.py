@@ -18,8 +18,7 @@ RESNET50_BLOCKS = tuple(
 
 # "tune" joins with issue 4.
 MODES = ("train", "evaluate", "export", "predict")
-# "multi_worker" joins when multi-host training lands (issue 5).
-STRATEGIES = ("auto", "one_device", "mirrored")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 BACKBONES = ("resnet50",)
 DATASET_SCHEMES = ("demo", "folder:", "tfds:")
 

@@ -137,7 +137,27 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
     dataset = dataset.map(
         lambda images, labels: (augment_lib.augment_batch(augmenter, images),
                                 labels))
-  return dataset.prefetch(tf.data.AUTOTUNE)
+  return shard_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Sets how a multi-worker strategy splits this dataset: by DATA, on purpose.
+
+  Every worker runs the whole pipeline (same seed, so the same shuffled
+  global batches) and keeps its own slice of each batch. So every worker
+  runs the same number of steps, which collective training needs, and a
+  step trains on the images a one-device run's step would. FILE sharding,
+  AUTO's first choice, does not fit: the folder source reads from a tensor
+  of paths, not files (AUTO would fall back to DATA with a warning), and a
+  TFDS split has few files, often fewer than workers or of uneven size,
+  which would leave workers with different step counts. The cost: each
+  worker decodes every image (once, when the split fits the cache budget).
+  Single-machine strategies ignore the option.
+  """
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return dataset.with_options(options)
 
 
 # ------------------------------------------------------------------ folder

@@ -86,19 +86,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config = config_from_flags()
-    from tf_finetune import train  # Heavy (TensorFlow): after validation.
+    from tf_finetune import distribute, train  # Heavy: after validation.
     if config.mode == "train":
       from tf_finetune import checkpoints
-      # Before flags.cfg is rewritten: a refused run must not replace the
-      # flags of the run whose checkpoints are there.
-      checkpoints.check_workdir(config)
-      os.makedirs(config.workdir, exist_ok=True)
-      checkpoints.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
-                                    config_lib.to_flagfile(config))
+      # In a multi-worker run only the chief writes into the workdir.
+      chief = distribute.is_chief(config.strategy)
+      if chief:
+        # Before flags.cfg is rewritten: a refused run must not replace the
+        # flags of the run whose checkpoints are there.
+        checkpoints.check_workdir(config)
+        os.makedirs(config.workdir, exist_ok=True)
+        checkpoints.write_text_atomic(
+            os.path.join(config.workdir, "flags.cfg"),
+            config_lib.to_flagfile(config))
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
-      print(f"report: {os.path.join(config.workdir, 'report.json')}")
-      print(f"export: {result['export_path']}")
+      if chief:
+        print(f"report: {os.path.join(config.workdir, 'report.json')}")
+        print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
       from tf_finetune import evaluate
       result = evaluate.run_evaluation(config)

@@ -26,14 +26,27 @@ MODEL_FILE = "model.keras"
 def run_training(config: Config,
                  extra_callbacks: Sequence[keras.callbacks.Callback] = ()
                  ) -> Dict:
-  """Trains both stages, evaluates, saves, exports; returns the report."""
+  """Trains both stages, evaluates, saves, exports; returns the report.
+
+  In a multi-worker run every worker calls this; only the chief writes into
+  the workdir and export folder (see `distribute.chief_outputs`).
+  """
+  strategy = distribute.create_strategy(config.strategy,
+                                        config.virtual_cpu_devices)
+  with (distribute.explain_peer_failures(strategy),
+        distribute.chief_outputs(config, strategy) as config):
+    return _train(config, strategy, extra_callbacks)
+
+
+def _train(config: Config, strategy,
+           extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
   started = time.perf_counter()
   resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
   os.makedirs(config.workdir, exist_ok=True)
   keras.utils.set_random_seed(config.seed)
-  strategy = distribute.create_strategy(config.strategy,
-                                        config.virtual_cpu_devices)
   datasets = data.create_datasets(config)
+  distribute.check_batch_split(strategy, config.batch_size,
+                               datasets.num_examples)
   num_classes = len(datasets.class_names)
   plan = stages.StagePlan.from_config(config)
   with strategy.scope():
