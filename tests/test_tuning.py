@@ -276,6 +276,38 @@ def test_early_stopping_watches_stage_finetune_only(images, tmp_path):
       "budget": 7, "run": 5, "head": 3, "finetune": 2}
 
 
+def test_bad_input_inside_a_trial_stops_the_search(images, tmp_path):
+  calls = []
+
+  def build_with_bad_weights(*args):
+    calls.append(args)
+    raise config_lib.UserError("--weights='x.weights.h5': no such file.")
+
+  with pytest.raises(config_lib.UserError, match="--weights='x.weights.h5'"):
+    tuning.run_search(make_config(images, tmp_path), build_with_bad_weights)
+  assert len(calls) == 1  # Not once per trial: it would fail them all.
+
+
+@pytest.mark.parametrize("max_trials, failed, message", [
+    (2, 2, "No trial completed"),
+    # KerasTuner stops the search after 3 failures in a row.
+    (5, 3, "stopped after 3 failed trials in a row, the last with: "
+     "RuntimeError: out of memory, say"),
+])
+def test_failed_trials_are_reported(images, tmp_path, max_trials, failed,
+                                    message):
+  def build_that_crashes(*args):
+    raise RuntimeError("out of memory, say")
+
+  with pytest.raises(config_lib.UserError, match=message):
+    tuning.run_search(make_config(images, tmp_path, max_trials=max_trials),
+                      build_that_crashes)
+  report = read_json(os.path.join(tmp_path, "tuning_report.json"))
+  assert [t["status"] for t in report["trials"]] == ["FAILED"] * failed
+  assert report["trials"][0]["error"] == "RuntimeError: out of memory, say"
+  assert not os.path.exists(os.path.join(tmp_path, "best.cfg"))
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

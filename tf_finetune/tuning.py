@@ -79,13 +79,8 @@ def budget_of(values: Dict, config: Config) -> int:
 
 
 class FineTuneHyperModel(kt.HyperModel):
-  """The two-stage fine-tuning run as a KerasTuner HyperModel.
-
-  Args:
-    config: the training flags and the search flags.
-    num_classes: outputs of the classifier.
-    build_fn: `model.build_model`, or a stand-in with its signature (tests).
-  """
+  """The two-stage fine-tuning run as a KerasTuner HyperModel; `build_fn` is
+  `model.build_model` or a stand-in with its signature (tests)."""
 
   def __init__(self, config: Config, num_classes: int,
                build_fn=model_lib.build_model):
@@ -342,22 +337,18 @@ def run_search(config: Config,
         f"The search stopped after {tuner.oracle.max_consecutive_failed_trials}"
         f" failed trials in a row, the last with: {_last_line(str(e))}. Every "
         f"trial's outcome is in {result['report_path']}.") from e
-  if role == "worker":
-    return None
-  result = write_results(config, tuner.oracle)
-  if result["best_config"] is None:
+  result = None if role == "worker" else write_results(config, tuner.oracle)
+  if result and result["best_config"] is None:
     raise UserError(f"No trial completed, so there is no {BEST_CONFIG_FILE}; "
                     f"each trial's error is in {result['report_path']}.")
   return result
 
 
 def _print_resume_state(oracle) -> None:
-  if not oracle.trials:
-    return
   done = sum(t.status in ("COMPLETED", "FAILED") for t in oracle.trials.values())
-  print(f"tf_finetune: resuming the search: {done} finished trial(s) kept, "
-        f"{len(oracle.trials) - done} interrupted one(s) to run again.",
-        flush=True)
+  if oracle.trials:
+    print(f"tf_finetune: resuming the search: {done} finished trial(s) kept, "
+          f"{len(oracle.trials) - done} interrupted one(s) to run again.")
 
 
 def _last_line(text: Optional[str]) -> Optional[str]:
