@@ -323,6 +323,11 @@ def run_search(config: Config,
                  else len(data.create_datasets(config).class_names))
   tuner = create_tuner(config, FineTuneHyperModel(config, num_classes,
                                                   build_fn), strategy)
+  if role == "chief":
+    # Raised in a gRPC handler, KerasTuner's stop after 3 failed trials in
+    # a row kills the workers and leaves the chief waiting for their trial
+    # forever (keras-team/keras-tuner#915): the chief runs all trials.
+    tuner.oracle.max_consecutive_failed_trials = math.inf
   if role != "worker":
     _print_resume_state(tuner.oracle)
   try:
