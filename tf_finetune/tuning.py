@@ -306,27 +306,22 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def run_search(config: Config,
                build_fn=model_lib.build_model) -> Optional[Dict]:
-  """`--mode=tune`: searches, then writes tuning_report.json and best.cfg.
-
-  Returns the report, or None on a worker of a distributed search (the
-  chief writes the results).
-  """
+  """`--mode=tune`: searches, writes tuning_report.json and best.cfg and
+  returns the report; None on a worker (the chief writes the results)."""
   role = distributed_role()
   check_tuner_available(config.tuner)
   if role != "worker":  # The chief owns the search state.
     prepare_project(config)
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
-  # Reads the data once before any trial, so bad data fails fast; the
-  # chief runs no trial and needs none.
+  # Bad data fails before any trial; the chief runs none and needs none.
   num_classes = (0 if role == "chief"
                  else len(data.create_datasets(config).class_names))
   tuner = create_tuner(config, FineTuneHyperModel(config, num_classes,
                                                   build_fn), strategy)
   if role == "chief":
-    # Raised in a gRPC handler, KerasTuner's stop after 3 failed trials in
-    # a row kills the workers and leaves the chief waiting for their trial
-    # forever (keras-team/keras-tuner#915): the chief runs all trials.
+    # KerasTuner's stop after 3 failed trials in a row, raised in a gRPC
+    # call, kills the worker and stalls the chief (keras-tuner#915).
     tuner.oracle.max_consecutive_failed_trials = math.inf
   if role != "worker":
     _print_resume_state(tuner.oracle)
