@@ -29,8 +29,9 @@ OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 # Training flags `--mode=tune` can search, each by `--search_NAME=MIN:MAX`:
 # NAME -> (type, KerasTuner sampling, bounds check, bounds in words).
 SEARCHABLE = {
-    "unfreeze_blocks": (int, "linear", lambda v: 0 <= v <= 16,
-                        "0 to 16 (ResNet50's residual blocks)"),
+    "unfreeze_blocks": (int, "linear",
+                        lambda v: 0 <= v <= len(RESNET50_BLOCKS),
+                        f"0 to {len(RESNET50_BLOCKS)} (ResNet50's blocks)"),
     "finetune_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
