@@ -7,7 +7,8 @@ live in `Config.validate`, so a bad value fails before any expensive work.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
 # Residual blocks of ResNet50, bottom to top; `unfreeze_blocks` counts from
 # the end of this list.
@@ -16,11 +17,23 @@ RESNET50_BLOCKS = tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for i in range(1, count + 1))
 
-# "tune" joins with issue 4.
-MODES = ("train", "evaluate", "export", "predict")
+MODES = ("train", "evaluate", "export", "predict", "tune")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 BACKBONES = ("resnet50",)
 DATASET_SCHEMES = ("demo", "folder:", "tfds:")
+TUNERS = ("hyperband", "bayesian", "random")
+# What `model.fit` logs; the direction follows from the name (loss: min).
+OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
+# Training flags `--mode=tune` can search, each by `--search_NAME=MIN:MAX`:
+# NAME -> (type, KerasTuner sampling, bounds check, bounds in words).
+SEARCHABLE = {
+    "unfreeze_blocks": (int, "linear",
+                        lambda v: 0 <= v <= len(RESNET50_BLOCKS),
+                        f"0 to {len(RESNET50_BLOCKS)} (ResNet50's blocks)"),
+    "finetune_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
+    "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
+    "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 
 
 class UserError(Exception):
@@ -66,6 +79,20 @@ class Config:
   inputs: str = ""
   save_every_steps: int = 0
   fresh: bool = False
+  # Mode "tune" (tuning.py). An empty search_* flag keeps that training flag
+  # fixed; "MIN:MAX" searches it.
+  search_unfreeze_blocks: str = ""
+  search_finetune_learning_rate: str = ""
+  search_head_learning_rate: str = ""
+  search_dropout: str = ""
+  tuner: str = "random"
+  max_trials: int = 10
+  max_epochs: int = 0  # Hyperband's largest budget; 0: all epochs of a run.
+  hyperband_factor: int = 3
+  objective: str = "val_accuracy"
+  early_stopping_patience: int = 0  # 0: off.
+  executions_per_trial: int = 1
+  overwrite_search: bool = False
 
   @property
   def total_epochs(self) -> int:
@@ -117,6 +144,7 @@ class Config:
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
     self._check_inputs()
     self._validate_fault_tolerance()
+    self._validate_search()
     return self
 
   def _check_inputs(self) -> None:
@@ -142,11 +170,55 @@ class Config:
            "(0: a checkpoint at the end of every epoch only).")
     _check(not self.fresh or self.mode == "train",
            f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
+  def search_ranges(self) -> Dict[str, Tuple]:
+    """{training flag: (MIN, MAX)} for every search_* flag that is set."""
+    return {name: parse_search_range(name, getattr(self, "search_" + name))
+            for name in SEARCHABLE if getattr(self, "search_" + name)}
+
+  def _validate_search(self) -> None:
+    ranges = self.search_ranges()  # Raises on a malformed range.
+    _check(self.tuner in TUNERS,
+           f"--tuner={self.tuner!r}: expected one of {TUNERS}.")
+    _check(self.objective in OBJECTIVES,
+           f"--objective={self.objective!r}: expected one of {OBJECTIVES}.")
+    for name in ("max_trials", "executions_per_trial"):
+      _check(getattr(self, name) >= 1,
+             f"--{name}={getattr(self, name)}: must be >= 1.")
+    _check(self.hyperband_factor >= 2,
+           f"--hyperband_factor={self.hyperband_factor}: must be >= 2.")
+    _check(0 <= self.max_epochs <= self.total_epochs,
+           f"--max_epochs={self.max_epochs}: must be 0 (all epochs of a run) "
+           "to --head_epochs plus --finetune_epochs = "
+           f"{self.total_epochs}; a trial never trains longer than the run "
+           "it stands for.")
+    _check(self.early_stopping_patience >= 0,
+           "--early_stopping_patience: must be >= 0 (0: off).")
+    _check(self.mode != "tune" or bool(ranges),
+           "--mode=tune: nothing to search; set at least one of "
+           + ", ".join(f"--search_{name}=MIN:MAX" for name in SEARCHABLE)
+           + ".")
 
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
     raise UserError(message)
+
+
+def parse_search_range(name: str, text: str) -> Tuple:
+  """'1e-5:1e-3' for `name` -> (1e-05, 0.001), checked; raises UserError."""
+  cast, _, in_bounds, bounds = SEARCHABLE[name]
+  flag = f"--search_{name}={text!r}"
+  kind = "whole numbers" if cast is int else "numbers"
+  try:
+    low, high = (cast(part) for part in text.split(":"))
+  except ValueError:
+    raise UserError(f"{flag}: expected MIN:MAX, two {kind} separated by "
+                    "a colon.") from None
+  _check(math.isfinite(low) and math.isfinite(high) and in_bounds(low)
+         and in_bounds(high), f"{flag}: both bounds must be {bounds}.")
+  _check(low <= high, f"{flag}: MIN {low} is above MAX {high}; expected "
+         "MIN:MAX with MIN <= MAX.")
+  return low, high
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:

@@ -69,6 +69,29 @@ flags.DEFINE_integer("save_every_steps", _D.save_every_steps,
                      "of each epoch only).")
 flags.DEFINE_bool("fresh", _D.fresh, "Delete WORKDIR/checkpoints and train "
                   "from the start instead of resuming.")
+# Mode "tune": a search_* flag left empty keeps its training flag fixed.
+for _name in config_lib.SEARCHABLE:
+  flags.DEFINE_string(f"search_{_name}", getattr(_D, f"search_{_name}"),
+                      f"MIN:MAX range of --{_name} to search (mode tune).")
+flags.DEFINE_string("tuner", _D.tuner, "Search algorithm: "
+                    + " | ".join(config_lib.TUNERS) + ".")
+flags.DEFINE_integer("max_trials", _D.max_trials, "Trials of the search.")
+flags.DEFINE_integer("max_epochs", _D.max_epochs,
+                     "Hyperband's largest epoch budget per trial (0: "
+                     "--head_epochs plus --finetune_epochs).")
+flags.DEFINE_integer("hyperband_factor", _D.hyperband_factor,
+                     "Hyperband's reduction factor between rounds.")
+flags.DEFINE_string("objective", _D.objective, "Metric the search optimises: "
+                    + " | ".join(config_lib.OBJECTIVES) + ".")
+flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
+                     "Stop a trial after this many stage-finetune epochs "
+                     "without a better objective (0: off).")
+flags.DEFINE_integer("executions_per_trial", _D.executions_per_trial,
+                     "Trainings per trial, from different initialisations; "
+                     "the score is their mean.")
+flags.DEFINE_bool("overwrite_search", _D.overwrite_search,
+                  "Start the search in WORKDIR/tuner/ afresh instead of "
+                  "resuming it.")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -114,6 +137,14 @@ def main(argv):
     elif config.mode == "predict":
       from tf_finetune import predict
       print_predictions(predict.run_prediction(config), config.workdir)
+    elif config.mode == "tune":
+      from tf_finetune import tuning  # pylint: disable=g-import-not-at-top
+      result = tuning.run_search(config)
+      if result is not None:  # None: a worker; the chief reports.
+        print(tuning.format_summary(result))
+        print(f"tuning report: {result['report_path']}")
+        print(f"best config: {result['best_config']} (train it: python -m "
+              f"tf_finetune.main --flagfile={result['best_config']})")
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
     return 2
