@@ -1,107 +1,211 @@
 """Batch augmentation: seeded Keras preprocessing layers, training split only.
 
-`data.py` maps `augment_batch` over BATCHES of the training split, after
-`Dataset.batch`: one vectorised call per batch is much cheaper than one per
-image, and every image in a batch still gets its own random transform
-(the layers draw per-image parameters). The model itself stays free of
-augmentation, so the exported serving graph never contains it.
+`data.py` maps `augment_labelled_batch` over BATCHES of the training split,
+after `Dataset.batch`: one vectorised call per batch is much cheaper than
+one per image, and every image still gets its own random transform. The
+model stays free of augmentation, so the serving graph never contains it.
 
-Names accepted by `--augment`:
+Names accepted by `--augment` (comma separated; their order does not
+matter, the stages below always run in this order):
 
-  flip        random horizontal flip.
-  rotation    random rotation of up to +-36 degrees (reflected borders).
-  zoom        random zoom in or out by up to 20% (reflected borders).
-  contrast    random contrast change by up to 20%.
-  brightness  random brightness shift by up to 20% of the value range.
-  crop        random resized crop: a random window of 70-100% of each side,
-              anywhere in the image, scaled back to full size. Keras 3.15
-              has no RandomResizedCrop layer, and RandomCrop needs the image
-              size when it is built, so this is RandomTranslation (moves the
-              window) followed by a zoom-in-only RandomZoom with independent
-              height and width factors (scales it, changing the aspect ratio
-              as RandomResizedCrop does).
+  geometric, fused into ONE projective transform per image (`RandomGeometry`):
+    flip        random horizontal flip.
+    rotation    random rotation of up to +-36 degrees.
+    zoom        random zoom in or out by up to 20%.
+    crop        random resized crop: a window of 70-100% of each side (so
+                the aspect ratio varies too), anywhere inside the image,
+                scaled to full size.
+  colour (keras.layers.RandomContrast / RandomBrightness):
+    contrast    random contrast change by up to 20%.
+    brightness  random brightness shift by up to 20% of the value range.
+  policy:
+    randaugment keras.layers.RandAugment (2 of 11 ops per batch, each image
+                with its own magnitudes).
+  label mixing (need one-hot labels, so the batch's labels come out as
+  float32 [B, C] mixtures instead of int32 [B]):
+    mixup       keras.layers.MixUp (alpha 0.2).
+    cutmix      keras.layers.CutMix.
+    Both named: each batch gets one of the two, chosen at random.
+
+Fusing the geometric layers matters at 224 px: keras.layers.RandomFlip,
+RandomRotation and RandomZoom in sequence resample every image three times
+(about 150 images/s on 2 cores); one transform gives the same family of
+augmentations, resampled once (BUILD_NOTES.md has the figures). Borders
+uncovered by rotation or zoom-out are filled by reflection. Flip alone is
+a plain `RandomFlip` (a mirror, no resampling).
+
+Seeds: every layer draws from its own `keras.random.SeedGenerator`, so the
+same names and `--seed` give the same sequence of transforms; the state
+advances with each batch, which is why `data.py` maps this sequentially
+(each op already uses all cores, so a parallel map gains nothing).
 """
 
-from typing import Callable, Dict, List, Optional, Sequence
+import math
+from typing import Optional, Sequence
 
 import keras
 import tensorflow as tf
 
 from tf_finetune.config import UserError
 
+GEOMETRIC = ("flip", "rotation", "zoom", "crop")
+COLOUR = ("contrast", "brightness")
+MIXING = ("mixup", "cutmix")
+AUGMENTATIONS = GEOMETRIC + COLOUR + ("randaugment",) + MIXING
 # The layers compute in float32 whatever the global Keras dtype policy is:
 # under mixed precision they would otherwise round pixel values to float16.
 _DTYPE = "float32"
-
-
-def _flip(seed: int) -> List[keras.layers.Layer]:
-  return [keras.layers.RandomFlip("horizontal", seed=seed, dtype=_DTYPE)]
-
-
-def _rotation(seed: int) -> List[keras.layers.Layer]:
-  # Factor is a fraction of a full turn: 0.1 -> +-36 degrees.
-  return [keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed,
-                                      dtype=_DTYPE)]
-
-
-def _zoom(seed: int) -> List[keras.layers.Layer]:
-  return [keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed,
-                                  dtype=_DTYPE)]
-
-
-def _contrast(seed: int) -> List[keras.layers.Layer]:
-  return [keras.layers.RandomContrast(0.2, value_range=(0, 255), seed=seed,
-                                      dtype=_DTYPE)]
-
-
-def _brightness(seed: int) -> List[keras.layers.Layer]:
-  return [keras.layers.RandomBrightness(0.2, value_range=(0, 255), seed=seed,
-                                        dtype=_DTYPE)]
-
-
-def _crop(seed: int) -> List[keras.layers.Layer]:
-  # A 30% zoom-in leaves a window 70% of the side; moving its centre by up to
-  # 15% keeps it inside the image. Smaller zooms may show a reflected border
-  # strip, the same trade-off the `zoom` augmentation makes.
-  return [
-      keras.layers.RandomTranslation(0.15, 0.15, fill_mode="reflect",
-                                     seed=seed, dtype=_DTYPE),
-      keras.layers.RandomZoom((-0.3, 0.0), (-0.3, 0.0), fill_mode="reflect",
-                              seed=seed + 1, dtype=_DTYPE),
-  ]
-
-
-AUGMENTATIONS: Dict[str, Callable[[int], List[keras.layers.Layer]]] = {
-    "flip": _flip,
-    "rotation": _rotation,
-    "zoom": _zoom,
-    "contrast": _contrast,
-    "brightness": _brightness,
-    "crop": _crop,
-}
-
-# Seeds of consecutive augmentations are this far apart, so that no two
-# layers share a seed (equal seeds would draw correlated random numbers).
+# Seeds of different layers are this far apart: equal seeds would draw
+# correlated random numbers.
 _SEED_STRIDE = 10
 
 
-def build_augmenter(names: Sequence[str],
-                    seed: int) -> Optional[keras.Sequential]:
-  """Builds the augmentation model for the given `--augment` names.
+@keras.saving.register_keras_serializable(package="tf_finetune")
+class RandomGeometry(keras.layers.Layer):
+  """Random flip, rotation, zoom and resized crop as one transform per image.
 
   Args:
-    names: augmentation names, applied in this order (see the module
-      docstring); an empty sequence or just "none" means no augmentation.
-    seed: base seed; each layer gets its own seed derived from it, so a new
-      augmenter with the same names and seed produces the same sequence of
-      transforms.
+    flip: mirror half of the images horizontally.
+    rotation: maximum rotation as a fraction of a full turn (0.1: 36 deg).
+    zoom: maximum relative zoom in or out (0.2: 80% to 120%).
+    crop: the crop window's sides are drawn from [1 - crop, 1] of the
+      image's, independently; 0 disables cropping.
+    seed: seed of the layer's SeedGenerator.
+  """
+
+  def __init__(self, flip: bool = False, rotation: float = 0.0,
+               zoom: float = 0.0, crop: float = 0.0, seed: int = 0,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.flip, self.rotation, self.zoom, self.crop = flip, rotation, zoom, crop
+    self.seed = seed
+    self.generator = keras.random.SeedGenerator(seed)
+
+  def call(self, images, training=True):
+    if not training:
+      return images
+    shape = keras.ops.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+
+    def draw(low, high):
+      return keras.random.uniform((batch,), low, high, seed=self.generator)
+
+    ones, zeros = keras.ops.ones((batch,)), keras.ops.zeros((batch,))
+    flip = (keras.ops.where(draw(0.0, 1.0) < 0.5, -1.0, 1.0) if self.flip
+            else ones)
+    angle = (draw(-self.rotation, self.rotation) * 2 * math.pi
+             if self.rotation else zeros)
+    zoom = draw(1 - self.zoom, 1 + self.zoom) if self.zoom else ones
+    if self.crop:
+      window_x, window_y = draw(1 - self.crop, 1.0), draw(1 - self.crop, 1.0)
+      # Centre offsets that keep the window inside the image.
+      half_x = (keras.ops.cast(width, "float32") - 1) / 2
+      half_y = (keras.ops.cast(height, "float32") - 1) / 2
+      shift_x = draw(-1.0, 1.0) * (1 - window_x) * half_x
+      shift_y = draw(-1.0, 1.0) * (1 - window_y) * half_y
+    else:
+      window_x = window_y = ones
+      shift_x = shift_y = zeros
+    transforms = affine_transforms(flip, angle, zoom, window_x, window_y,
+                                   shift_x, shift_y, height, width)
+    return keras.ops.image.affine_transform(
+        images, transforms, interpolation="bilinear", fill_mode="reflect")
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "flip": self.flip,
+            "rotation": self.rotation, "zoom": self.zoom, "crop": self.crop,
+            "seed": self.seed}
+
+
+def affine_transforms(flip, angle, zoom, window_x, window_y, shift_x, shift_y,
+                      height, width):
+  """Rows [a0, a1, a2, b0, b1, b2, 0, 0] for `keras.ops.image.affine_transform`.
+
+  Each maps an output pixel (x, y) to the input point it samples. Relative
+  to the image centre c, the output point q goes through the crop window
+  (scale by window, move by shift), the zoom, the rotation and the flip:
+  input = c + F R z (W q + t). All arguments but height and width are [B].
+  """
+  cx = (keras.ops.cast(width, "float32") - 1) / 2
+  cy = (keras.ops.cast(height, "float32") - 1) / 2
+  cos, sin = keras.ops.cos(angle), keras.ops.sin(angle)
+  m00 = flip * cos * zoom * window_x
+  m01 = -flip * sin * zoom * window_y
+  m10 = sin * zoom * window_x
+  m11 = cos * zoom * window_y
+  offset_x = flip * zoom * (cos * shift_x - sin * shift_y)
+  offset_y = zoom * (sin * shift_x + cos * shift_y)
+  zeros = keras.ops.zeros_like(m00)
+  return keras.ops.stack([
+      m00, m01, cx + offset_x - m00 * cx - m01 * cy,
+      m10, m11, cy + offset_y - m10 * cx - m11 * cy,
+      zeros, zeros], axis=1)
+
+
+class FastRandAugment(keras.layers.RandAugment):
+  """keras.layers.RandAugment that runs only the ops it picked.
+
+  Workaround: Keras 3.15's `RandAugment.transform_images` applies all 11 ops
+  `num_ops` times to the whole batch and keeps the picked result with
+  `where` (introduced by keras-team/keras#21499, the fix of #21169, whose
+  review flagged the cost): 26 images/s at 224 px on 2 cores. Same
+  transformation dict, same result, but `tf.switch_case` runs one branch.
+  """
+
+  def transform_images(self, images, transformation, training=True):
+    if not training:
+      return super().transform_images(images, transformation, training)
+    images = tf.cast(images, self.compute_dtype)
+    transforms = transformation["transforms"]
+    for i in range(self.num_ops):
+      branches = [self._branch(name, images, value)
+                  for name, value in transforms.items()]
+      index = tf.cast(transformation["layer_idxes"][i], tf.int32)
+      images = tf.switch_case(index, branches)
+    return images
+
+  def _branch(self, name, images, value):
+    def apply():
+      out = getattr(self, name).transform_images(images, value)
+      return tf.ensure_shape(tf.cast(out, self.compute_dtype), images.shape)
+    return apply
+
+
+class Augmenter:
+  """The augmentation of one run: image layers, then label mixing.
+
+  Attributes:
+    images: keras.Sequential of per-image layers, or None.
+    mixers: MixUp / CutMix layers (one of them is applied per batch).
+  """
+
+  def __init__(self, images: Optional[keras.Sequential], mixers: list,
+               seed: int):
+    self.images = images
+    self.mixers = mixers
+    self.choice_seed = keras.random.SeedGenerator(seed)
+
+  @property
+  def mixes_labels(self) -> bool:
+    return bool(self.mixers)
+
+
+def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
+  """Builds the augmentation for the given `--augment` names.
+
+  Args:
+    names: names from AUGMENTATIONS (see the module docstring); an empty
+      sequence or just "none" means no augmentation.
+    seed: base seed; each layer gets its own seed derived from it.
 
   Returns:
-    A `keras.Sequential` of preprocessing layers, or None when there is
-    nothing to apply.
+    An Augmenter, or None when there is nothing to apply.
 
   Raises:
-    UserError: a name is not one of `AUGMENTATIONS`.
+    UserError: a name is unknown.
   """
   names = [name.strip().lower() for name in names if name.strip()]
   if names in ([], ["none"]):
@@ -113,29 +217,99 @@ def build_augmenter(names: Sequence[str],
         f"Valid names are {', '.join(AUGMENTATIONS)} (comma separated), or "
         "'none' to disable augmentation.")
   layers = []
-  for index, name in enumerate(names):
-    layers.extend(AUGMENTATIONS[name](seed + _SEED_STRIDE * index))
-  return keras.Sequential(layers, name="augmenter")
+  geometric = [name for name in GEOMETRIC if name in names]
+  if geometric == ["flip"]:
+    layers.append(keras.layers.RandomFlip("horizontal", seed=seed,
+                                          dtype=_DTYPE))
+  elif geometric:
+    layers.append(RandomGeometry(
+        flip="flip" in names, rotation=0.1 * ("rotation" in names),
+        zoom=0.2 * ("zoom" in names), crop=0.3 * ("crop" in names),
+        seed=seed, dtype=_DTYPE))
+  if "contrast" in names:
+    layers.append(keras.layers.RandomContrast(
+        0.2, value_range=(0, 255), seed=seed + _SEED_STRIDE, dtype=_DTYPE))
+  if "brightness" in names:
+    layers.append(keras.layers.RandomBrightness(
+        0.2, value_range=(0, 255), seed=seed + 2 * _SEED_STRIDE, dtype=_DTYPE))
+  if "randaugment" in names:
+    layers.append(FastRandAugment(value_range=(0, 255),
+                                  seed=seed + 3 * _SEED_STRIDE, dtype=_DTYPE))
+  mixers = []
+  if "mixup" in names:
+    mixers.append(keras.layers.MixUp(seed=seed + 4 * _SEED_STRIDE,
+                                     dtype=_DTYPE))
+  if "cutmix" in names:
+    mixers.append(keras.layers.CutMix(seed=seed + 5 * _SEED_STRIDE,
+                                      dtype=_DTYPE))
+  images = keras.Sequential(layers, name="augmenter") if layers else None
+  return Augmenter(images, mixers, seed + 6 * _SEED_STRIDE)
 
 
-def augment_batch(augmenter: Optional[keras.Sequential],
+def augment_batch(augmenter: Optional[Augmenter],
                   images: tf.Tensor) -> tf.Tensor:
-  """Applies `augmenter` to a batch of uint8 images, eagerly or in tf.data.
+  """Applies the per-image layers to a batch of uint8 images.
 
-  Args:
-    augmenter: the result of `build_augmenter`; None returns `images` as is.
-    images: uint8 [B, H, W, 3].
+  Eagerly or inside tf.data. Label-mixing augmenters need the labels: use
+  `augment_labelled_batch`.
 
   Returns:
-    uint8 [B, H, W, 3]: the augmented images, rounded and clipped back to
-    the pixel range so that the model sees the same dtype and value range
-    as in evaluation and serving.
+    uint8 [B, H, W, 3], rounded and clipped back to the pixel range so that
+    the model sees the same dtype and range as in evaluation and serving.
   """
   if augmenter is None:
     return images
-  augmented = augmenter(tf.cast(images, tf.float32), training=True)
-  augmented = tf.cast(tf.clip_by_value(tf.round(augmented), 0, 255), tf.uint8)
+  if augmenter.mixes_labels:
+    raise ValueError("This augmenter mixes labels; use "
+                     "augment_labelled_batch.")
+  return _to_uint8(_apply_image_layers(augmenter, images), images.shape)
+
+
+def augment_labelled_batch(augmenter: Optional[Augmenter], images: tf.Tensor,
+                           labels: tf.Tensor, num_classes: int):
+  """Augments a batch of (uint8 images, int labels), eagerly or in tf.data.
+
+  Returns:
+    (uint8 [B, H, W, 3], labels): the labels as given (int [B]) unless the
+    augmenter mixes labels, then float32 [B, num_classes] mixtures summing
+    to 1.
+  """
+  if augmenter is None:
+    return images, labels
+  augmented = _apply_image_layers(augmenter, images)
+  if augmenter.mixes_labels:
+    augmented, labels = _mix(augmenter, augmented,
+                             tf.one_hot(labels, num_classes))
+  return _to_uint8(augmented, images.shape), labels
+
+
+def _apply_image_layers(augmenter: Augmenter, images: tf.Tensor) -> tf.Tensor:
+  images = tf.cast(images, tf.float32)
+  if augmenter.images is not None:
+    images = augmenter.images(images, training=True)
+  return images
+
+
+def _mix(augmenter: Augmenter, images: tf.Tensor, labels: tf.Tensor):
+  """One of the mixers, chosen per batch, on float images and one-hot labels."""
+
+  def mixer_branch(layer):
+    def apply():
+      out = layer({"images": images, "labels": labels}, training=True)
+      return (tf.ensure_shape(tf.cast(out["images"], tf.float32), images.shape),
+              tf.ensure_shape(tf.cast(out["labels"], tf.float32), labels.shape))
+    return apply
+
+  branches = [mixer_branch(layer) for layer in augmenter.mixers]
+  if len(branches) == 1:
+    return branches[0]()
+  index = keras.random.randint((), 0, len(branches), seed=augmenter.choice_seed)
+  return tf.switch_case(tf.cast(index, tf.int32), branches)
+
+
+def _to_uint8(images: tf.Tensor, shape) -> tf.Tensor:
+  images = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
   # The layers lose the static shape on some paths (e.g. inside tf.data);
   # the model's Input needs it.
-  augmented.set_shape(images.shape)
-  return augmented
+  images.set_shape(shape)
+  return images
