@@ -128,6 +128,6 @@ def undecodable_cases():
       "text.jpg": (b"this is not an image\n" * 5, "not an image"),
       "error_page.png": (b"<html><body>404</body></html>", "not an image"),
       "scan.tiff": (encode(photo(), "TIFF"), "unsupported image format TIFF"),
-      "rle8.bmp": (bytes(rle), "compressed (RLE)"),
+      "rle8.bmp": (bytes(rle), "not RLE-compressed"),
       "animated.webp": (webp.getvalue(), "undecodable WebP"),
   }

@@ -25,7 +25,7 @@ augmented per batch, and prefetched. Everything is TensorFlow ops.
 """
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -99,7 +99,8 @@ def create_datasets(config: Config) -> Datasets:
 
 def _batches(records: tf.data.Dataset, load, num_examples: int,
              config: Config, training: bool, augmenter=None,
-             num_classes: int = 0) -> tf.data.Dataset:
+             num_classes: int = 0,
+             cache: Optional[bool] = None) -> tf.data.Dataset:
   """Turns undecoded records into prefetched batches of (image, label).
 
   Args:
@@ -110,8 +111,11 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
     training: shuffle each pass (seeded) and augment.
     augmenter: from `augment.build_augmenter`, or None.
     num_classes: for the one-hot labels of label-mixing augmentation.
+    cache: keep decoded images in memory; None: when they fit
+      CACHE_BUDGET_BYTES.
   """
-  cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+  if cache is None:
+    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
   if training and not cache:
     # Shuffling records before decoding keeps the buffer small.
     records = records.shuffle(min(num_examples, RECORD_SHUFFLE_BUFFER),
@@ -145,24 +149,45 @@ def _folder_datasets(root: str, config: Config) -> Datasets:
   class_names, splits, skipped = folder_source.list_folder_splits(root, config)
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
 
-  def load(path, label):
-    return decode_and_resize(tf.io.read_file(path), config.image_size), label
-
   def make(split: str) -> Optional[tf.data.Dataset]:
-    files = splits[split]
-    if not files:
+    if not splits[split]:
       return None
-    paths, labels = zip(*files)
-    records = tf.data.Dataset.from_tensor_slices(
-        (list(paths), tf.constant(labels, tf.int32)))
-    return _batches(records, load, len(files), config, split == "train",
-                    augmenter, len(class_names))
+    return files_pipeline(splits[split], config, len(class_names),
+                          training=split == "train", augmenter=augmenter)
 
   return Datasets(
       train=make("train"), val=make("val"), test=make("test"),
       class_names=class_names,
       num_examples={split: len(splits[split]) for split in SPLITS},
       skipped_files=skipped)
+
+
+def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
+                   num_classes: int, training: bool, augmenter=None,
+                   cache: Optional[bool] = None) -> tf.data.Dataset:
+  """The batches of one split of a folder source, from its (path, label)s.
+
+  What `create_datasets` builds for each split; public for tools such as
+  `tools/bench_input.py`. The files must be decodable (`folder_source`
+  checks them up front).
+
+  Args:
+    files: [(path, label)].
+    config: image size, batch size, seed.
+    num_classes: for label-mixing augmentation.
+    training: shuffle every pass and augment.
+    augmenter: from `augment.build_augmenter`, or None.
+    cache: keep decoded images in memory; None decides by CACHE_BUDGET_BYTES.
+  """
+  paths, labels = zip(*files)
+  records = tf.data.Dataset.from_tensor_slices(
+      (list(paths), tf.constant(labels, tf.int32)))
+
+  def load(path, label):
+    return decode_and_resize(tf.io.read_file(path), config.image_size), label
+
+  return _batches(records, load, len(files), config, training, augmenter,
+                  num_classes, cache)
 
 
 # -------------------------------------------------------------------- tfds

@@ -127,53 +127,51 @@ def _decode_jpeg(image_bytes: tf.Tensor, min_size: int) -> tf.Tensor:
 
 
 def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
-  bits_per_pixel = _read_int(image_bytes, 28, tf.uint16)
-  return tf.cond(bits_per_pixel <= 8,
-                 lambda: _decode_indexed_bmp(image_bytes),
+  header = _bmp_header(image_bytes)
+  return tf.cond(header["bits"] <= 8,
+                 lambda: _decode_indexed_bmp(image_bytes, header),
                  lambda: _decode_other(image_bytes))
 
 
-def _read_int(data: tf.Tensor, offset: int, dtype) -> tf.Tensor:
-  """The little-endian integer of `dtype` at byte `offset`, as int32."""
-  size = tf.dtypes.as_dtype(dtype).size
-  raw = tf.io.decode_raw(tf.strings.substr(data, offset, size), dtype)
-  return tf.cast(tf.reshape(raw, []), tf.int32)
+def _bmp_header(data: tf.Tensor) -> dict:
+  """The BMP header fields, from one decode_raw (few ops: quick to trace).
+
+  Bytes 2-53 read as little-endian int32s make the fields at offsets 10
+  (pixel data offset), 14 (header size), 18 (width), 22 (height, negative
+  when rows are stored top-down), 30 (compression) and 46 (colours used)
+  whole words; bits per pixel (offset 28) is the upper half of the word at
+  offset 26.
+  """
+  words = tf.io.decode_raw(tf.strings.substr(data, 2, 52), tf.int32,
+                           little_endian=True)
+  return {"offset": words[2], "header_size": words[3], "width": words[4],
+          "height": words[5], "bits": tf.bitwise.right_shift(words[6], 16),
+          "compression": words[7], "colours": words[11]}
 
 
-def _decode_indexed_bmp(data: tf.Tensor) -> tf.Tensor:
+def _decode_indexed_bmp(data: tf.Tensor, header: dict) -> tf.Tensor:
   """A 1/2/4/8-bit uncompressed BMP with a colour table, as uint8 RGB.
 
-  Layout (BITMAPINFOHEADER and later): pixel data offset at byte 10, header
-  size at 14, width at 18, height at 22 (negative: rows stored top-down),
-  bits per pixel at 28, compression at 30, colours used at 46; the colour
-  table (B, G, R, 0 per entry) follows the header; each row is padded to a
-  multiple of 4 bytes.
+  The colour table (B, G, R, 0 per entry) follows the header; each row of
+  indices is padded to a multiple of 4 bytes.
   """
-  header_size = _read_int(data, 14, tf.int32)
-  width = _read_int(data, 18, tf.int32)
-  height = _read_int(data, 22, tf.int32)
-  bits = _read_int(data, 28, tf.uint16)
-  checks = [
-      tf.debugging.assert_greater_equal(
-          header_size, 40, message="BMP: unsupported (OS/2) header"),
-      tf.debugging.assert_equal(
-          _read_int(data, 30, tf.int32), 0,
-          message="BMP: compressed (RLE) indexed BMPs are not supported"),
-      tf.debugging.assert_equal(
-          8 % bits, 0, message="BMP: unsupported bits per pixel"),
-      tf.debugging.assert_positive(width, message="BMP: bad width"),
-  ]
-  with tf.control_dependencies(checks):
-    colours = _read_int(data, 46, tf.int32)
-    colours = tf.where(colours > 0, colours, tf.bitwise.left_shift(1, bits))
-    table = tf.io.decode_raw(
-        tf.strings.substr(data, 14 + header_size, 4 * colours), tf.uint8)
+  bits, width, height = header["bits"], header["width"], header["height"]
+  supported = tf.reduce_all(tf.stack([
+      header["header_size"] >= 40, header["compression"] == 0, width > 0,
+      tf.reduce_any(tf.equal(bits, [1, 2, 4, 8]))]))
+  check = tf.debugging.Assert(supported, [
+      "BMP: only uncompressed 1/2/4/8-bit indexed BMPs with a Windows "
+      "header are supported (not RLE-compressed or OS/2 ones)"])
+  with tf.control_dependencies([check]):
+    colours = tf.where(header["colours"] > 0, header["colours"],
+                       tf.bitwise.left_shift(1, bits))
+    table = tf.io.decode_raw(tf.strings.substr(
+        data, 14 + header["header_size"], 4 * colours), tf.uint8)
     rgb = tf.reverse(tf.reshape(table, [-1, 4])[:, :3], axis=[1])
     rows = tf.abs(height)
     row_bytes = (bits * width + 31) // 32 * 4
-    pixels = tf.io.decode_raw(
-        tf.strings.substr(data, _read_int(data, 10, tf.int32),
-                          row_bytes * rows), tf.uint8)
+    pixels = tf.io.decode_raw(tf.strings.substr(
+        data, header["offset"], row_bytes * rows), tf.uint8)
     pixels = tf.reshape(pixels, [rows, row_bytes, 1])
   # Unpack 8 // bits indices from each byte, most significant bits first.
   per_byte = 8 // bits
@@ -184,8 +182,8 @@ def _decode_indexed_bmp(data: tf.Tensor) -> tf.Tensor:
   indices = tf.reshape(indices, [rows, row_bytes * per_byte])[:, :width]
   # An index past the colour table fails here, as a corrupt file should.
   image = tf.gather(rgb, tf.cast(indices, tf.int32))
-  return tf.cond(height > 0, lambda: tf.reverse(image, axis=[0]),
-                 lambda: image)
+  # Rows are stored bottom-up unless the height is negative.
+  return tf.where(height > 0, tf.reverse(image, axis=[0]), image)
 
 
 def sniff_format(head: bytes) -> str:
