@@ -28,18 +28,23 @@ def make_labels(batch=8):
 
 
 def augment_eagerly(names, seed, images, labels=None):
+  """The second of two batches, augmented eagerly."""
   augmenter = augment.build_augmenter(names, seed)
   if labels is None:
+    augment.augment_batch(augmenter, images)
     return augment.augment_batch(augmenter, images)
+  augment.augment_labelled_batch(augmenter, images, labels, NUM_CLASSES)
   return augment.augment_labelled_batch(augmenter, images, labels, NUM_CLASSES)
 
 
 def augment_in_tf_data(names, seed, images, labels):
+  """Through `augment_dataset`, the pipeline's two maps (draw, then apply in
+  parallel), over two batches: returns the second."""
   augmenter = augment.build_augmenter(names, seed)
-  dataset = tf.data.Dataset.from_tensors((images, labels)).map(
-      lambda x, y: augment.augment_labelled_batch(augmenter, x, y,
-                                                  NUM_CLASSES))
-  (result,) = list(dataset)
+  dataset = augment.augment_dataset(
+      augmenter, tf.data.Dataset.from_tensors((images, labels)).repeat(2),
+      NUM_CLASSES)
+  _, result = list(dataset)
   assert dataset.element_spec[0].shape == images.shape
   assert dataset.element_spec[0].dtype == tf.uint8
   return result

@@ -46,6 +46,12 @@ def make_config(root, **overrides):
   return Config(**values)
 
 
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory, monkeypatch):
+  """Default caches (~/.cache/tf_finetune) go to a temporary home."""
+  monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+
+
 def split_paths(splits):
   return {split: {path for path, _ in files} for split, files in splits.items()}
 
@@ -224,6 +230,23 @@ def test_up_front_check_agrees_with_the_training_decoder(messy_folder):
     assert decodable == (relative in used), relative
 
 
+def test_check_results_are_reused_until_a_file_changes(tmp_path):
+  paths = make_folder(tmp_path / "images", {"a": 2})
+  cache = str(tmp_path / "cache" / "checks.json")
+  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  # Same size and time, new bytes: the earlier verdict is reused.
+  stat = os.stat(paths[0])
+  with open(paths[0], "r+b") as f:
+    f.write(b"garbage!")
+  os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  # A new modification time: checked again, and now it fails.
+  os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  assert set(folder_source.find_undecodable(paths, cache_file=cache)) == {
+      paths[0]}
+  assert set(folder_source.find_undecodable(paths)) == {paths[0]}
+
+
 def test_progress_bar_on_large_folders_or_on_request(tmp_path, capsys):
   paths = make_folder(tmp_path, {"a": 3})
   bad = os.path.join(tmp_path, "a", "bad.png")
@@ -334,6 +357,22 @@ def test_train_is_reshuffled_each_epoch_and_seeded_val_is_fixed(tmp_path):
   again = data.create_datasets(config)
   assert labels_of(again.train) == epoch1
   assert labels_of(first.val) == labels_of(first.val) == labels_of(again.val)
+
+
+def test_augmented_train_batches_are_the_same_for_the_same_seed(tmp_path):
+  make_folder(tmp_path, {"a": 10, "b": 10})
+  names = ("flip", "rotation", "zoom", "crop", "contrast", "mixup")
+
+  def two_epochs(seed):
+    train_split = data.create_datasets(
+        make_config(tmp_path, augment=names, seed=seed, batch_size=2)).train
+    return [(x.numpy(), y.numpy()) for _ in range(2) for x, y in train_split]
+
+  first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
+  for (a, la), (b, lb) in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+  assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(first, other))
 
 
 def test_val_is_not_augmented(tmp_path):

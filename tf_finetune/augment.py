@@ -84,6 +84,12 @@ class RandomGeometry(keras.layers.Layer):
   def call(self, images, training=True):
     if not training:
       return images
+    return self.transform_images(images,
+                                 self.get_random_transformation(images))
+
+  def get_random_transformation(self, images, training=True, seed=None):
+    """{"transforms": float32 [B, 8]}: one projective transform per image."""
+    del training, seed  # Always random, from the layer's SeedGenerator.
     shape = keras.ops.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
 
@@ -106,10 +112,16 @@ class RandomGeometry(keras.layers.Layer):
     else:
       window_x = window_y = ones
       shift_x = shift_y = zeros
-    transforms = affine_transforms(flip, angle, zoom, window_x, window_y,
-                                   shift_x, shift_y, height, width)
+    return {"transforms": affine_transforms(flip, angle, zoom, window_x,
+                                            window_y, shift_x, shift_y,
+                                            height, width)}
+
+  def transform_images(self, images, transformation, training=True):
+    del training
     return keras.ops.image.affine_transform(
-        images, transforms, interpolation="bilinear", fill_mode="reflect")
+        keras.ops.cast(images, self.compute_dtype),
+        transformation["transforms"], interpolation="bilinear",
+        fill_mode="reflect")
 
   def compute_output_shape(self, input_shape):
     return input_shape
@@ -177,20 +189,66 @@ class FastRandAugment(keras.layers.RandAugment):
 class Augmenter:
   """The augmentation of one run: image layers, then label mixing.
 
+  Split in two so that a pipeline can be both deterministic and parallel:
+  `draw` takes the random parameters of a batch from the layers' seed
+  generators (cheap, but stateful: must run in order), `apply` does the
+  pixel work from them (a pure function: may run on several batches at
+  once). Both use the Keras preprocessing layer methods
+  `get_random_transformation` and `transform_images` / `transform_labels`,
+  which is what `layer(x)` does in one go.
+
   Attributes:
-    images: keras.Sequential of per-image layers, or None.
-    mixers: MixUp / CutMix layers (one of them is applied per batch).
+    layers: per-image layers, applied in order.
+    mixers: MixUp / CutMix layers; one of them, chosen per batch, mixes.
   """
 
-  def __init__(self, images: Optional[keras.Sequential], mixers: list,
-               seed: int):
-    self.images = images
+  def __init__(self, layers: list, mixers: list, seed: int):
+    self.layers = layers
     self.mixers = mixers
     self.choice_seed = keras.random.SeedGenerator(seed)
 
   @property
   def mixes_labels(self) -> bool:
     return bool(self.mixers)
+
+  def draw(self, images, labels=None) -> dict:
+    """The random parameters for one batch (advances the seed generators).
+
+    Args:
+      images: [B, H, W, 3]; only the shape is used.
+      labels: one-hot [B, C] when mixing, else unused.
+    """
+    params = {"layers": [layer.get_random_transformation(images, training=True)
+                         for layer in self.layers]}
+    if self.mixers:
+      data = {"images": images, "labels": labels}
+      params["mixer"] = keras.random.randint((), 0, len(self.mixers),
+                                             seed=self.choice_seed)
+      params["mixers"] = [mixer.get_random_transformation(data, training=True)
+                          for mixer in self.mixers]
+    return params
+
+  def apply(self, images, labels, params: dict):
+    """Augments float32 images (and mixes one-hot labels) as `params` say."""
+    for layer, transformation in zip(self.layers, params["layers"]):
+      images = tf.cast(layer.transform_images(images, transformation,
+                                              training=True), tf.float32)
+    if not self.mixers:
+      return images, labels
+
+    def mixer_branch(mixer, transformation):
+      def apply_one():
+        mixed = mixer.transform_images(images, transformation, training=True)
+        mixed_labels = mixer.transform_labels(labels, transformation,
+                                              training=True)
+        return (tf.ensure_shape(tf.cast(mixed, tf.float32), images.shape),
+                tf.ensure_shape(tf.cast(mixed_labels, tf.float32),
+                                labels.shape))
+      return apply_one
+
+    branches = [mixer_branch(m, t)
+                for m, t in zip(self.mixers, params["mixers"])]
+    return tf.switch_case(tf.cast(params["mixer"], tf.int32), branches)
 
 
 def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
@@ -242,8 +300,7 @@ def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
   if "cutmix" in names:
     mixers.append(keras.layers.CutMix(seed=seed + 5 * _SEED_STRIDE,
                                       dtype=_DTYPE))
-  images = keras.Sequential(layers, name="augmenter") if layers else None
-  return Augmenter(images, mixers, seed + 6 * _SEED_STRIDE)
+  return Augmenter(layers, mixers, seed + 6 * _SEED_STRIDE)
 
 
 def augment_batch(augmenter: Optional[Augmenter],
@@ -262,7 +319,9 @@ def augment_batch(augmenter: Optional[Augmenter],
   if augmenter.mixes_labels:
     raise ValueError("This augmenter mixes labels; use "
                      "augment_labelled_batch.")
-  return _to_uint8(_apply_image_layers(augmenter, images), images.shape)
+  augmented, _ = augmenter.apply(tf.cast(images, tf.float32), None,
+                                 augmenter.draw(images))
+  return _to_uint8(augmented, images.shape)
 
 
 def augment_labelled_batch(augmenter: Optional[Augmenter], images: tf.Tensor,
@@ -276,35 +335,56 @@ def augment_labelled_batch(augmenter: Optional[Augmenter], images: tf.Tensor,
   """
   if augmenter is None:
     return images, labels
-  augmented = _apply_image_layers(augmenter, images)
-  if augmenter.mixes_labels:
-    augmented, labels = _mix(augmenter, augmented,
-                             tf.one_hot(labels, num_classes))
+  labels = _prepare_labels(augmenter, labels, num_classes)
+  augmented, labels = augmenter.apply(tf.cast(images, tf.float32), labels,
+                                      augmenter.draw(images, labels))
   return _to_uint8(augmented, images.shape), labels
 
 
-def _apply_image_layers(augmenter: Augmenter, images: tf.Tensor) -> tf.Tensor:
-  images = tf.cast(images, tf.float32)
-  if augmenter.images is not None:
-    images = augmenter.images(images, training=True)
-  return images
+def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
+                    num_classes: int) -> tf.data.Dataset:
+  """`augment_labelled_batch` over a dataset of batches, deterministic and
+  parallel.
+
+  The random parameters are drawn in a sequential map, in batch order, so a
+  seed always gives the same transforms; the pixel work runs in a parallel
+  map (AUTOTUNE, order kept), which measured 1.3-1.8x the images/second of
+  one sequential map at 224 px on 2 cores (BUILD_NOTES.md).
+  """
+  if augmenter is None:
+    return dataset
+  # tf.data passes only tensors between maps: `draw_batch` sends the
+  # tensors of the parameters and records the rest of their structure (None,
+  # Python ints) here when tf.data traces it, which is before `apply_batch`.
+  template = {}
+
+  def draw_batch(images, labels):
+    labels = _prepare_labels(augmenter, labels, num_classes)
+    params = augmenter.draw(images, labels)
+    flat = tf.nest.flatten(params)
+    template.update(params=params, flat=flat,
+                    is_tensor=[tf.is_tensor(leaf) for leaf in flat])
+    return images, labels, tuple(leaf for leaf in flat if tf.is_tensor(leaf))
+
+  def apply_batch(images, labels, tensors):
+    tensors = iter(tensors)
+    flat = [next(tensors) if is_tensor else leaf for leaf, is_tensor in
+            zip(template["flat"], template["is_tensor"])]
+    params = tf.nest.pack_sequence_as(template["params"], flat)
+    augmented, labels = augmenter.apply(tf.cast(images, tf.float32), labels,
+                                        params)
+    return _to_uint8(augmented, images.shape), labels
+
+  return (dataset.map(draw_batch)
+          .map(apply_batch, num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=True))
 
 
-def _mix(augmenter: Augmenter, images: tf.Tensor, labels: tf.Tensor):
-  """One of the mixers, chosen per batch, on float images and one-hot labels."""
-
-  def mixer_branch(layer):
-    def apply():
-      out = layer({"images": images, "labels": labels}, training=True)
-      return (tf.ensure_shape(tf.cast(out["images"], tf.float32), images.shape),
-              tf.ensure_shape(tf.cast(out["labels"], tf.float32), labels.shape))
-    return apply
-
-  branches = [mixer_branch(layer) for layer in augmenter.mixers]
-  if len(branches) == 1:
-    return branches[0]()
-  index = keras.random.randint((), 0, len(branches), seed=augmenter.choice_seed)
-  return tf.switch_case(tf.cast(index, tf.int32), branches)
+def _prepare_labels(augmenter: Augmenter, labels, num_classes: int):
+  """One-hot float labels when mixing (what MixUp/CutMix mix), else as is."""
+  if augmenter.mixes_labels:
+    return tf.one_hot(labels, num_classes)
+  return labels
 
 
 def _to_uint8(images: tf.Tensor, shape) -> tf.Tensor:

@@ -129,15 +129,10 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
       dataset = dataset.shuffle(num_examples, seed=config.seed,
                                 reshuffle_each_iteration=True)
   dataset = dataset.batch(config.batch_size)
-  if training and augmenter is not None:
-    # Sequential on purpose: the layers' seed generators are variables that
-    # each call advances, so parallel calls would make the transforms depend
-    # on thread timing. One call per batch is vectorised and its ops use
-    # every core already (a parallel map measured no faster), and prefetch
-    # overlaps it with the training step.
-    dataset = dataset.map(
-        lambda images, labels: augment_lib.augment_labelled_batch(
-            augmenter, images, labels, num_classes))
+  if training:
+    # Random parameters drawn in order, pixels transformed in parallel:
+    # deterministic for a seed, and the costly part uses every core.
+    dataset = augment_lib.augment_dataset(augmenter, dataset, num_classes)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -11,11 +11,8 @@ used, and those that cannot be decoded (empty, truncated, not an image, a
 format TensorFlow cannot read such as TIFF or HEIC) are skipped and listed
 with the reason.
 
-Why check every file up front rather than drop bad ones on the fly: the
-split sizes, steps per epoch and `report.json` must say exactly which files
-were used, and a bad file must not stop a run hours in. Checking decodes
-each file once, in parallel, at a thumbnail size (libjpeg then skips most
-of the work); `tools/bench_input.py` prints the files/second.
+The check itself (why up front, and how it stays fast) is in
+`file_check.py`.
 
 Layouts (hidden entries and non-image files are ignored everywhere):
 
@@ -28,15 +25,9 @@ Layouts (hidden entries and non-image files are ignored everywhere):
 
 import hashlib
 import os
-import re
-import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import keras
-import tensorflow as tf
-from absl import logging
-
-from tf_finetune import decode
+from tf_finetune import file_check
 from tf_finetune.config import Config, UserError
 
 SPLITS = ("train", "val", "test")
@@ -47,11 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
 # in fact a decodable format), so that the user learns they were left out.
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl",
                           ".jp2")
-# The check decodes at this side: a JPEG of 8x this or more is then decoded
-# at 1/8 scale, by the same code path (decode.decode_and_resize) as training.
-CHECK_SIZE = 16
-# A progress bar is shown when checking at least this many files.
-PROGRESS_MIN_FILES = 2000
+find_undecodable = file_check.find_undecodable
 # Folder names accepted for each split of an explicit split level.
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"),
                   "test": ("test",)}
@@ -62,7 +49,8 @@ def list_folder_splits(root: str, config: Config):
 
   Args:
     root: the folder of `--dataset=folder:ROOT`.
-    config: for `val_fraction`, `test_fraction` and `seed`.
+    config: for `val_fraction`, `test_fraction`, `seed`, and `data_dir`
+      (where the file check keeps its results).
 
   Returns:
     (class_names, {split: [(path, label), ...]}, skipped_files) with all of
@@ -79,8 +67,10 @@ def list_folder_splits(root: str, config: Config):
   class_names = _list_class_names(split_dirs["train"])
   found = {split: _list_split_files(folder, class_names, split_dirs["train"])
            for split, folder in split_dirs.items()}
-  bad = find_undecodable([path for per_class in found.values()
-                          for paths in per_class.values() for path in paths])
+  bad = find_undecodable(
+      [path for per_class in found.values()
+       for paths in per_class.values() for path in paths],
+      cache_file=file_check.cache_file_for(root, config.data_dir))
   usable = {}
   for split, per_class in found.items():
     usable[split] = {name: [p for p in paths if p not in bad]
@@ -155,89 +145,6 @@ def _list_images(class_dir: str) -> List[str]:
                  and n.lower().endswith(IMAGE_EXTENSIONS
                                         + OTHER_IMAGE_EXTENSIONS))
   return paths
-
-
-def find_undecodable(paths: Sequence[str],
-                     progress: Optional[bool] = None) -> Dict[str, str]:
-  """Finds the files that `decode.decode_and_resize` cannot decode.
-
-  One parallel tf.data pass decodes every file at CHECK_SIZE with the
-  pipeline's own decoder (a header check would pass truncated files); only
-  the few failures are read again, eagerly, to say why.
-
-  Args:
-    paths: candidate image files.
-    progress: show a progress bar; None: only for PROGRESS_MIN_FILES or more.
-
-  Returns:
-    {path: reason} for every file that cannot be used.
-  """
-  if not paths:
-    return {}
-  started = time.perf_counter()
-
-  def check(index, path):
-    image = decode.decode_and_resize(tf.io.read_file(path), CHECK_SIZE)
-    # Returning something computed from the pixels keeps the decode from
-    # being optimised away.
-    return index, tf.reduce_max(image)
-
-  checked = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)),
-                                                 list(paths)))
-             .map(check, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=False)
-             .ignore_errors()
-             .batch(256))
-  if progress is None:
-    progress = len(paths) >= PROGRESS_MIN_FILES
-  bar = keras.utils.Progbar(len(paths), unit_name="file") if progress else None
-  decoded = set()
-  for indices, _ in checked.as_numpy_iterator():
-    decoded.update(int(i) for i in indices)
-    if bar:
-      bar.update(len(decoded))
-  bad = {path: describe_failure(path) for index, path in enumerate(paths)
-         if index not in decoded}
-  if bar:
-    bar.update(len(paths), finalize=True)
-  seconds = time.perf_counter() - started
-  logging.info("Checked %d image files in %.1f s (%.0f files/s): %d cannot "
-               "be used.", len(paths), seconds, len(paths) / seconds, len(bad))
-  return bad
-
-
-def describe_failure(path: str) -> str:
-  """One line saying why `path` cannot be decoded."""
-  try:
-    with open(path, "rb") as f:
-      content = f.read()
-  except OSError as error:
-    return f"unreadable: {error.strerror or error}"
-  if not content:
-    return "empty file (0 bytes)"
-  found = decode.sniff_format(content[:32])
-  supported = ", ".join(decode.SUPPORTED_FORMATS)
-  if not found:
-    return (f"not an image: the content is none of {supported} "
-            f"(starts with {content[:8]!r})")
-  if found not in decode.SUPPORTED_FORMATS:
-    return (f"unsupported image format {found}; convert it to one of "
-            f"{supported}")
-  try:
-    decode.decode_and_resize(tf.constant(content), CHECK_SIZE)
-  except tf.errors.OpError as error:
-    return (f"undecodable {found} (truncated, corrupt or an unsupported "
-            f"variant): {_op_error_text(error)}")
-  return f"could not be decoded as {found}"
-
-
-def _op_error_text(error: tf.errors.OpError) -> str:
-  """TF's own words, without the '{{function_node ...}}' and '[Op:...]'."""
-  text = re.sub(r"\{\{.*?\}\}", "", error.message or "")
-  text = re.sub(r"\[Op:.*", "", text, flags=re.DOTALL)
-  # tf.debugging asserts append the compared values; the message says it.
-  text = re.sub(r"Condition x .*", "", text, flags=re.DOTALL)
-  return " ".join(text.split()) or type(error).__name__
 
 
 def _require_usable_images(split_folder: str, per_class: Dict[str, List[str]],
