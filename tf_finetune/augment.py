@@ -1,9 +1,9 @@
 """Batch augmentation: seeded Keras preprocessing layers, training split only.
 
-`data.py` maps `augment_labelled_batch` over BATCHES of the training split,
-after `Dataset.batch`: one vectorised call per batch is much cheaper than
-one per image, and every image still gets its own random transform. The
-model stays free of augmentation, so the serving graph never contains it.
+`data.py` augments BATCHES of the training split (`augment_dataset`, after
+`Dataset.batch`): one vectorised call per batch is much cheaper than one
+per image, and every image still gets its own random transform. The model
+stays free of augmentation, so the serving graph never contains it.
 
 Names accepted by `--augment` (comma separated; their order does not
 matter, the stages below always run in this order):
@@ -28,16 +28,16 @@ matter, the stages below always run in this order):
     Both named: each batch gets one of the two, chosen at random.
 
 Fusing the geometric layers matters at 224 px: keras.layers.RandomFlip,
-RandomRotation and RandomZoom in sequence resample every image three times
-(about 150 images/s on 2 cores); one transform gives the same family of
+RandomRotation and RandomZoom in sequence resample every image (twice the
+CPU time of one transform); one transform gives the same family of
 augmentations, resampled once (BUILD_NOTES.md has the figures). Borders
 uncovered by rotation or zoom-out are filled by reflection. Flip alone is
 a plain `RandomFlip` (a mirror, no resampling).
 
 Seeds: every layer draws from its own `keras.random.SeedGenerator`, so the
-same names and `--seed` give the same sequence of transforms; the state
-advances with each batch, which is why `data.py` maps this sequentially
-(each op already uses all cores, so a parallel map gains nothing).
+same names and `--seed` give the same sequence of transforms. The state
+advances with each batch, so the random parameters are drawn in batch
+order, and only the pixel work runs in parallel (`Augmenter`).
 """
 
 import math
@@ -163,7 +163,7 @@ class FastRandAugment(keras.layers.RandAugment):
   Workaround: Keras 3.15's `RandAugment.transform_images` applies all 11 ops
   `num_ops` times to the whole batch and keeps the picked result with
   `where` (introduced by keras-team/keras#21499, the fix of #21169, whose
-  review flagged the cost): 26 images/s at 224 px on 2 cores. Same
+  review flagged the cost): 13-26 images/s at 224 px on 2 cores. Same
   transformation dict, same result, but `tf.switch_case` runs one branch.
   """
 
@@ -347,9 +347,9 @@ def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
   parallel.
 
   The random parameters are drawn in a sequential map, in batch order, so a
-  seed always gives the same transforms; the pixel work runs in a parallel
-  map (AUTOTUNE, order kept), which measured 1.3-1.8x the images/second of
-  one sequential map at 224 px on 2 cores (BUILD_NOTES.md).
+  seed always gives the same transforms (one parallel map of the stateful
+  layers would not); the pixel work runs in a parallel map (AUTOTUNE, order
+  kept), so several batches can be augmented at once (BUILD_NOTES.md).
   """
   if augmenter is None:
     return dataset
