@@ -130,7 +130,13 @@ def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
 
 
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
-  """(images, int labels) -> (images, one-hot labels), as label smoothing needs."""
+  """(images, int labels) -> (images, one-hot labels), as label smoothing needs.
+
+  Labels that are one-hot already (mixed by MixUp/CutMix in augment.py)
+  pass through.
+  """
+  if dataset.element_spec[1].shape.rank == 2:
+    return dataset
   return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
