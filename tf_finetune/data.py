@@ -17,11 +17,12 @@ model does its own preprocessing, so these are exactly the pixels that the
 serving signature `serving_tensor` takes. (With `--augment=mixup` or
 `cutmix` the training labels are float32 [B, C] mixtures instead.)
 
-Speed: files are read and decoded by a parallel map (AUTOTUNE), resized
-before batching, cached in memory as uint8 when the split fits
-CACHE_BUDGET_BYTES (later epochs then only shuffle, batch and augment),
-augmented per batch, and prefetched. Everything is TensorFlow ops.
-`tools/bench_input.py` measures it against the tutorial pipeline.
+Speed: files are read and decoded by a parallel map (AUTOTUNE; TFDS reads
+its record shards interleaved in parallel itself), resized before
+batching, cached in memory as uint8 when the split fits CACHE_BUDGET_BYTES
+(later epochs then only shuffle, batch and augment), augmented per batch,
+and prefetched. Everything is TensorFlow ops. `tools/bench_input.py`
+measures it against the tutorial pipeline.
 """
 
 import dataclasses

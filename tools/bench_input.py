@@ -35,6 +35,7 @@ load average is printed before and after.
 """
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_finetune import augment, data, file_check, folder_source, stages
+from tf_finetune import augment, data, folder_source, stages
 from tf_finetune.config import Config
 from tf_finetune.model import build_model
 from tf_finetune.train import to_one_hot
@@ -196,12 +197,13 @@ def input_bound(model, files, config, num_classes, cache):
           real_step, memory_step, wait)
 
 
-def resolve_folder():
+def resolve_folder(scratch):
+  """The folder to measure: --dataset, or JPEGs generated into `scratch`."""
   if FLAGS.dataset and not FLAGS.generate:
     if not FLAGS.dataset.startswith("folder:"):
       raise app.UsageError("--dataset must be folder:DIR")
     return FLAGS.dataset.split(":", 1)[1]
-  root = tempfile.mkdtemp(prefix="bench_input_")
+  root = os.path.join(scratch, "images")
   started = time.perf_counter()
   generate_jpegs(root, FLAGS.num_images, FLAGS.seed)
   print(f"generated {FLAGS.num_images} JPEGs 500x375 in {root} "
@@ -209,20 +211,10 @@ def resolve_folder():
   return root
 
 
-def main(argv):
-  del argv
-  print(f"load average before: {os.getloadavg()[0]:.2f} (cores: "
-        f"{os.cpu_count()})")
-  root = resolve_folder()
-  names = tuple(n for n in FLAGS.augment.split(",") if n and n != "none")
-  config = Config(workdir=tempfile.mkdtemp(), dataset=f"folder:{root}",
-                  data_dir=tempfile.mkdtemp(), image_size=FLAGS.image_size,
-                  batch_size=FLAGS.batch_size, augment=names, weights="none",
-                  seed=FLAGS.seed).validate()
-
+def report_check(root, config):
+  """Prints the up-front check's speed; returns (class names, all files)."""
   # TensorFlow's one-off start-up (thread pools, ...) happens before the
   # check in a training run too: not counted.
-  file_check.find_undecodable([])
   tf.data.Dataset.range(1).map(lambda x: x + 1).get_single_element()
   # A fresh --data_dir: the first check finds no earlier results (cold), the
   # second reuses them (warm), as a later run on the same folder would.
@@ -236,8 +228,11 @@ def main(argv):
         f"100,000 files: {100_000 / rate:.0f} s; again with the saved "
         f"results: {warm:.2f} s = {checked / warm:.0f} files/s")
   print(f"validation_files_per_second: {rate:.0f}")
+  return class_names, files
 
-  num_classes = len(class_names)
+
+def report_throughput(root, files, config, num_classes):
+  """Prints images/second per epoch; returns the pipeline_vs_baseline ratio."""
   results = interleaved_epochs({
       "pipeline": data.files_pipeline(
           files, config, num_classes, training=True,
@@ -256,7 +251,11 @@ def main(argv):
   print(f"pipeline_vs_baseline_cpu (CPU time per image, epoch 2): "
         f"{base[1] / ours[1]:.2f}; with our augmenter: "
         f"{other[1] / ours[1]:.2f}")
+  return ours[0] / base[0]
 
+
+def report_input_bound(files, config, num_classes):
+  """Prints step timings; returns the (cached, uncached) waiting fractions."""
   keras.utils.set_random_seed(config.seed)
   model = build_model(num_classes, config.image_size, "none", config.dropout,
                       config.seed)
@@ -269,10 +268,31 @@ def main(argv):
     print(f"train step, {name}: {real:.3f} s with the pipeline, "
           f"{memory:.3f} s on an in-memory batch (slowdown {slowdown:.3f}); "
           f"next() blocks {wait * 1000:.1f} ms = {fraction:.3f} of a step")
+  return cached[0], uncached[0]
+
+
+def main(argv):
+  del argv
+  print(f"load average before: {os.getloadavg()[0]:.2f} (cores: "
+        f"{os.cpu_count()})")
+  scratch = tempfile.mkdtemp(prefix="bench_input_")
+  try:
+    root = resolve_folder(scratch)
+    names = tuple(n for n in FLAGS.augment.split(",") if n and n != "none")
+    config = Config(workdir=os.path.join(scratch, "work"),
+                    dataset=f"folder:{root}",
+                    data_dir=os.path.join(scratch, "data"),
+                    image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
+                    augment=names, weights="none", seed=FLAGS.seed).validate()
+    class_names, files = report_check(root, config)
+    ratio = report_throughput(root, files, config, len(class_names))
+    cached, uncached = report_input_bound(files, config, len(class_names))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
-  print(f"input_bound_fraction_uncached: {uncached[0]:.3f}")
-  print(f"input_bound_fraction: {cached[0]:.3f}")
-  print(f"pipeline_vs_baseline: {ours[0] / base[0]:.2f}")
+  print(f"input_bound_fraction_uncached: {uncached:.3f}")
+  print(f"input_bound_fraction: {cached:.3f}")
+  print(f"pipeline_vs_baseline: {ratio:.2f}")
 
 
 if __name__ == "__main__":
