@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import image_cases
 from tf_finetune import data
 from tf_finetune import demo_data
 from tf_finetune import folder_source
@@ -43,6 +44,12 @@ def make_config(root, **overrides):
                 augment=(), val_fraction=0.2, test_fraction=0.0, seed=7)
   values.update(overrides)
   return Config(**values)
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory, monkeypatch):
+  """Default caches (~/.cache/tf_finetune) go to a temporary home."""
+  monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
 
 def split_paths(splits):
@@ -134,7 +141,6 @@ def test_class_names_are_sorted_and_hidden_or_non_image_files_ignored(
   write_image(os.path.join(tmp_path, "apple", ".thumbs", "t.png"))
   write_image(os.path.join(tmp_path, ".git", "x", "y.png"))
   (tmp_path / "apple" / "notes.txt").write_text("not an image")
-  (tmp_path / "apple" / "raw.tiff").write_bytes(b"II*\x00")
   (tmp_path / "README.md").write_text("top-level files are not classes")
   names, splits, skipped = folder_source.list_folder_splits(
       str(tmp_path), make_config(tmp_path))
@@ -144,6 +150,113 @@ def test_class_names_are_sorted_and_hidden_or_non_image_files_ignored(
            for p, label in files if label == 0}
   assert apple == {"apple/img_00.png", "apple/img_01.png", "apple/img_02.png",
                    "apple/upper.JPG", "apple/pic.bmp", "apple/nested/deep.gif"}
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+  """A folder with every case a real one holds.
+
+  Returns:
+    (root, used, skipped): the relative paths that must be used, and
+    {relative path: fragment of its skip reason}.
+  """
+  root = tmp_path_factory.mktemp("messy")
+  good, bad = image_cases.decodable_cases(), image_cases.undecodable_cases()
+
+  def put(relative, content):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+  used = set()
+  for name, (content, _, _) in good.items():  # Every format and colour type.
+    put(f"a/{name}", content)
+    used.add(f"a/{name}")
+  renamed = {  # Upper-case extensions, extensions that lie, nested folders.
+      "b/UPPER.JPG": "baseline.jpg", "b/Mixed.Png": "palette.png",
+      "b/png_named.jpg": "rgba.png", "b/jpeg_named.png": "progressive.jpg",
+      "b/gif_named.bmp": "still.gif", "b/bmp_named.gif": "palette4.bmp",
+      "b/nested/deeper/photo.JPEG": "cmyk.jpg", "b/camera.jfif": "gray.jpg",
+  }
+  for relative, name in renamed.items():
+    put(relative, good[name][0])
+    used.add(relative)
+  skipped = {}
+  for name, (content, reason) in bad.items():
+    put(f"b/{name}", content)
+    skipped[f"b/{name}"] = reason
+  jpeg = good["baseline.jpg"][0]
+  for relative in ("a/.hidden.jpg", "a/.thumbs/t.png", ".git/x/y.png",
+                   "b/._photo.jpg"):  # Hidden: ignored even if decodable.
+    put(relative, jpeg)
+  for relative in ("a/notes.txt", "a/labels.csv", "b/Thumbs.db",
+                   "b/photo.jpg.json", "README.md"):  # Not images: ignored.
+    put(relative, b"not an image")
+  return root, used, skipped
+
+
+def test_messy_folder_uses_every_decodable_file_and_skips_the_rest(
+    messy_folder):
+  root, used, skipped = messy_folder
+  config = make_config(root, val_fraction=0.25)
+  datasets = data.create_datasets(config)
+  assert datasets.class_names == ["a", "b"]
+  reasons = {os.path.relpath(s["path"], root): s["reason"]
+             for s in datasets.skipped_files}
+  assert set(reasons) == set(skipped)
+  for relative, fragment in skipped.items():
+    assert fragment in reasons[relative], (relative, reasons[relative])
+  _, splits, _ = folder_source.list_folder_splits(str(root), config)
+  assert {os.path.relpath(path, root) for files in splits.values()
+          for path, _ in files} == used
+  assert sum(datasets.num_examples.values()) == len(used)
+  seen = 0
+  for split in (datasets.train, datasets.val):
+    for images, labels in split:
+      assert images.dtype == tf.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
+      seen += int(labels.shape[0])
+  assert seen == len(used)
+
+
+def test_up_front_check_agrees_with_the_training_decoder(messy_folder):
+  root, used, skipped = messy_folder
+  for relative in used | set(skipped):
+    content = (root / relative).read_bytes()
+    try:
+      data.decode_and_resize(tf.constant(content), SIZE)
+      decodable = True
+    except tf.errors.InvalidArgumentError:
+      decodable = False
+    assert decodable == (relative in used), relative
+
+
+def test_check_results_are_reused_until_a_file_changes(tmp_path):
+  paths = make_folder(tmp_path / "images", {"a": 2})
+  cache = str(tmp_path / "cache" / "checks.json")
+  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  # Same size and time, new bytes: the earlier verdict is reused.
+  stat = os.stat(paths[0])
+  with open(paths[0], "r+b") as f:
+    f.write(b"garbage!")
+  os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  # A new modification time: checked again, and now it fails.
+  os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  assert set(folder_source.find_undecodable(paths, cache_file=cache)) == {
+      paths[0]}
+  assert set(folder_source.find_undecodable(paths)) == {paths[0]}
+
+
+def test_progress_bar_on_large_folders_or_on_request(tmp_path, capsys):
+  paths = make_folder(tmp_path, {"a": 3})
+  bad = os.path.join(tmp_path, "a", "bad.png")
+  with open(bad, "wb") as f:
+    f.write(b"garbage")
+  assert set(folder_source.find_undecodable(paths + [bad])) == {bad}
+  assert capsys.readouterr().out == ""  # Few files: no bar.
+  assert set(folder_source.find_undecodable(paths + [bad],
+                                            progress=True)) == {bad}
+  assert "4/4" in capsys.readouterr().out
 
 
 def test_undecodable_files_are_skipped_with_reasons(tmp_path):
@@ -244,6 +357,22 @@ def test_train_is_reshuffled_each_epoch_and_seeded_val_is_fixed(tmp_path):
   again = data.create_datasets(config)
   assert labels_of(again.train) == epoch1
   assert labels_of(first.val) == labels_of(first.val) == labels_of(again.val)
+
+
+def test_augmented_train_batches_are_the_same_for_the_same_seed(tmp_path):
+  make_folder(tmp_path, {"a": 10, "b": 10})
+  names = ("flip", "rotation", "zoom", "crop", "contrast", "mixup")
+
+  def two_epochs(seed):
+    train_split = data.create_datasets(
+        make_config(tmp_path, augment=names, seed=seed, batch_size=2)).train
+    return [(x.numpy(), y.numpy()) for _ in range(2) for x, y in train_split]
+
+  first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
+  for (a, la), (b, lb) in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+  assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(first, other))
 
 
 def test_val_is_not_augmented(tmp_path):
@@ -374,3 +503,29 @@ def test_tfds_split_names_slice_missing_splits_off_train(tmp_path):
 def test_unknown_tfds_dataset_is_a_user_error(tmp_path):
   assert_user_error(make_config(tmp_path, dataset="tfds:no_such_dataset_xyz"),
                     "no_such_dataset_xyz")
+
+
+def test_tfds_own_validation_split_label_names_and_mixed_labels(tmp_path):
+  name = "oxford_flowers102"  # JPEG photos; train, validation and test.
+  write_tfds_metadata(tmp_path, name, {"train": 20, "validation": 10,
+                                       "test": 10})
+  info = tfds.builder(name, data_dir=str(tmp_path)).info
+  config = Config(workdir="unused", dataset=f"tfds:{name}",
+                  data_dir=str(tmp_path), image_size=SIZE, batch_size=4,
+                  augment=("flip", "mixup"), val_fraction=0.3,
+                  test_fraction=0.3)
+  # Its own splits are used, whatever the fractions say.
+  assert data._tfds_split_names(info, name, config) == {
+      "train": "train", "val": "validation", "test": "test"}
+  with mock_tfds(tmp_path, num_examples=6):
+    datasets = data.create_datasets(config)
+    assert datasets.class_names == list(info.features["label"].names)
+    assert len(datasets.class_names) == 102
+    images, labels = next(iter(datasets.train))
+    assert images.dtype == tf.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
+    assert labels.dtype == tf.float32 and labels.shape[1] == 102
+    np.testing.assert_allclose(labels.numpy().sum(axis=1), 1.0, atol=1e-5)
+    for split in ("val", "test"):
+      dataset = getattr(datasets, split)
+      assert dataset.element_spec[1].dtype == tf.int32  # Never mixed.
+      assert sum(len(l) for _, l in dataset) == datasets.num_examples[split]

@@ -61,7 +61,8 @@ def test_served_model_equals_the_keras_model(smoke_run):
   workdir, _ = smoke_run
   import keras
   import tensorflow as tf
-  model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+  from tf_finetune.train import load_model_safely
+  model = load_model_safely(os.path.join(workdir, "model.keras"))
   served = tf.saved_model.load(os.path.join(workdir, "export", "1"))
   with open(os.path.join(workdir, "report.json")) as f:
     class_names = np.array(json.load(f)["class_names"])

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import run_cli
 from test_export import CLASS_NAMES, SIZE, build_tiny_model, make_images
-from tf_finetune import data, export, folder_source, predict
+from tf_finetune import data, export, folder_source, predict, train
 from tf_finetune.config import Config, UserError
 
 
@@ -87,7 +87,7 @@ def test_bad_files_are_reported_per_file(tiny_export, tmp_path):
   skipped = {os.path.basename(s["file"]): s["reason"]
              for s in result["skipped_files"]}
   assert set(skipped) == {"corrupt.jpg", "empty.png"}
-  assert "not a decodable image" in skipped["corrupt.jpg"]
+  assert skipped["corrupt.jpg"].startswith("undecodable JPEG")
   assert skipped["empty.png"] == "empty file (0 bytes)"
   assert result["export_path"] == os.path.join(root, "1")
   with open(os.path.join(config.workdir, "predictions.json")) as f:
@@ -144,7 +144,7 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
   (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
   result = run_cli(*smoke_flags, "--mode=predict", f"--inputs={folder}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"skipped {folder / 'broken.png'}: not a decodable image" in (
+  assert f"skipped {folder / 'broken.png'}: undecodable PNG" in (
       result.stderr)
   with open(os.path.join(workdir, "predictions.json")) as f:
     predictions = json.load(f)
@@ -155,7 +155,7 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
   assert [s["file"] for s in predictions["skipped_files"]] == [
       str(folder / "broken.png")]
   # What the served model says equals the Keras model on the same pixels.
-  model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+  model = train.load_model_safely(os.path.join(workdir, "model.keras"))
   with open(os.path.join(workdir, "report.json")) as f:
     names = json.load(f)["class_names"]
   pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), 32).numpy()

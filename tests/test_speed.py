@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
-from tf_finetune import features, speed, stages
+from tf_finetune import data, features, speed, stages, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
@@ -35,6 +35,25 @@ def _dataset(images, labels, batch_size, seed=1):
 def _build(seed=0, dropout=0.0):
   keras.utils.set_random_seed(seed)
   return model_lib.build_model(CLASSES, SIZE, "none", dropout=dropout)
+
+
+def _fit_stages(model, plan, images, labels, workdir, batch_size=COUNT,
+                callbacks=(), unaugmented=None, **config):
+  """`train.fit_stages` (the training run's own path) on in-memory data."""
+  callback = stages.TwoStageCallback(plan, stages.HEAD, COUNT, batch_size)
+  datasets = data.Datasets(
+      train=_dataset(images, labels, batch_size),
+      val=_dataset(images, labels, 8), test=None,
+      class_names=[str(c) for c in range(CLASSES)],
+      num_examples={"train": COUNT, "val": COUNT, "test": 0},
+      skipped_files=[], train_unaugmented=unaugmented)
+  config = Config(workdir=str(workdir), head_epochs=plan.head_epochs,
+                  finetune_epochs=plan.finetune_epochs,
+                  batch_size=batch_size, cache_memory_mb=64,
+                  **{"augment": (), **config})
+  train.fit_stages(model, callback, datasets, config,
+                   [callback, *callbacks], verbose=0)
+  return callback
 
 
 def _head_weights(model):
@@ -96,7 +115,6 @@ def two_stage_runs(tmp_path_factory):
   cached = _build()
   initial = _head_weights(cached)
   stages.apply_stage(cached, plan, stages.HEAD)
-  callback = stages.TwoStageCallback(plan, stages.HEAD, COUNT, COUNT)
   seen, trained = {}, {}
 
   class Snapshot(keras.callbacks.Callback):
@@ -108,13 +126,9 @@ def two_stage_runs(tmp_path_factory):
       trained[epoch] = [w.numpy().copy() for w in self.model.layers[-1].weights]
 
   csv = str(tmp_path_factory.mktemp("logs") / "training.csv")
-  features.fit_with_cached_features(
-      cached, _dataset(images, labels, COUNT),
-      validation_data=_dataset(images, labels, 8), epochs=plan.total_epochs,
-      callbacks=[callback, Snapshot(), keras.callbacks.CSVLogger(csv)],
-      verbose=0, plan=plan, stage_callback=callback, views=1,
-      batch_size=COUNT, memory_mb=64,
-      cache_dir=str(tmp_path_factory.mktemp("cache")))
+  callback = _fit_stages(cached, plan, images, labels,
+                         tmp_path_factory.mktemp("work"),
+                         callbacks=[Snapshot(), keras.callbacks.CSVLogger(csv)])
   return dict(initial=initial, uncached=_head_weights(uncached), seen=seen,
               trained=trained,
               final=_head_weights(cached), reports=callback.stage_reports(),
@@ -197,11 +211,7 @@ def test_mixed_float16_keeps_float32_outputs_and_scales_the_loss(tmp_path):
   assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
   assert model.optimizer.built
   images, labels = _images_and_labels()
-  callback = stages.TwoStageCallback(plan, stages.HEAD, COUNT, 8)
-  features.fit_with_cached_features(
-      model, _dataset(images, labels, 8), epochs=1, callbacks=[callback],
-      verbose=0, plan=plan, stage_callback=callback, views=1, batch_size=8,
-      memory_mb=64, cache_dir=str(tmp_path))
+  callback = _fit_stages(model, plan, images, labels, tmp_path, batch_size=8)
   head = features.build_head_model(model)
   assert head.input.dtype == "float16" and head.output.dtype == "float32"
   assert np.isfinite(callback.stage_reports()[0]["history"]["loss"]).all()
@@ -213,8 +223,6 @@ def _config(**overrides):
 
 
 @pytest.mark.parametrize("overrides, culprit", [
-    (dict(cache_features="true", augment=("flip",)), "--feature_views=1"),
-    (dict(cache_features="true", head_epochs=0), "--head_epochs=0"),
     (dict(augment=(), feature_views=2), "--augment=none"),
     (dict(augment=("flip",), feature_views=6, head_epochs=5),
      "--feature_views=6 exceeds --head_epochs=5"),
@@ -229,15 +237,44 @@ def test_contradictory_speed_flags_are_refused(overrides, culprit):
 
 
 @pytest.mark.parametrize("overrides, cached", [
-    (dict(augment=()), True),                      # exact: one view
-    (dict(augment=("flip",)), False),              # would lose augmentation
+    (dict(augment=()), True),
+    (dict(augment=("flip",)), True),  # One view: the un-augmented images.
     (dict(augment=("flip",), feature_views=3), True),
-    (dict(augment=(), cache_features="false"), False),
+    (dict(augment=(), cache_features=False), False),
     (dict(augment=(), head_epochs=0), False),
-    (dict(augment=("flip",), feature_views=2, cache_features="true"), True),
+    # Views are only checked when they are used.
+    (dict(augment=(), feature_views=2, cache_features=False), False),
 ])
-def test_auto_caches_only_when_it_keeps_the_training_intact(overrides, cached):
+def test_stage_head_caches_unless_told_not_to(overrides, cached):
   assert _config(**overrides).caches_features == cached
+
+
+def test_one_view_caches_the_unaugmented_images(head_stage_model, tmp_path):
+  """With --feature_views=1 stage head sees the images as they are, not one
+  frozen augmented copy; with K >= 2 each view is a new augmented pass."""
+  model = head_stage_model
+  images, labels = _images_and_labels()
+  plain = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+  passes = []
+
+  def augment(x, y):  # Stands for --augment: a different image every pass.
+    passes.append(1)
+    return 255 - x, y
+  augmented = plain.map(lambda x, y: tf.py_function(
+      augment, [x, y], (tf.uint8, tf.float32)))
+  plan = stages.StagePlan(2, 0, 1e-3, 1e-4, 0)
+  callback = stages.TwoStageCallback(plan, stages.HEAD, COUNT, 8)
+  for views, source in ((1, images), (2, 255 - images)):
+    settings = features.CacheSettings(views, 8, 64, str(tmp_path))
+    with features.CachedHeadStage(model, plan, callback, settings, augmented,
+                                  plain, None, verbose=0) as stage:
+      stage.fit(0, 1, 0, [callback])
+      assert len(stage.views) == views
+      expected = features.make_feature_extractor(model)(source).numpy()
+      for view in stage.views:
+        np.testing.assert_allclose(view.arrays[0], expected, rtol=1e-5,
+                                   atol=1e-5)
+  assert len(passes) == 2 * (COUNT // 8)  # Only the K = 2 views augmented.
 
 
 def test_auto_switches_follow_the_hardware():
@@ -303,19 +340,21 @@ def test_cli_run_logs_one_epoch_axis_across_both_fits(cached_cli_run):
   assert steps == {0, 1, 2}
 
 
-def test_augmented_run_without_views_trains_stage_head_on_images(smoke_run):
-  workdir, _ = smoke_run
+def test_default_run_trains_stage_head_on_unaugmented_features(smoke_run):
+  workdir, _ = smoke_run  # --augment=flip, the caching flags at defaults.
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
-  assert report["stage1_mode"] == "images"
-  assert [s["input"] for s in report["stages"]] == ["images", "images"]
+  assert report["stage1_mode"] == "cached_features"
+  assert [s["input"] for s in report["stages"]] == ["cached_features",
+                                                   "images"]
+  assert report["stages"][0]["feature_cache"]["views"] == 1
 
 
-def test_cli_refuses_caching_that_would_drop_augmentation(tmp_path):
+def test_cli_refuses_views_that_would_never_be_used(tmp_path):
   result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
-                   "--cache_features=true", timeout=60)
+                   "--feature_views=2", timeout=60)
   assert result.returncode == 2
-  assert "--cache_features=true with --augment=flip" in result.stderr
+  assert "--feature_views=2 exceeds --head_epochs=1" in result.stderr
   assert "Traceback" not in result.stderr
 
 

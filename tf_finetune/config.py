@@ -7,7 +7,8 @@ live in `Config.validate`, so a bad value fails before any expensive work.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
 # Residual blocks of ResNet50, bottom to top; `unfreeze_blocks` counts from
 # the end of this list.
@@ -16,21 +17,40 @@ RESNET50_BLOCKS = tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for i in range(1, count + 1))
 
-# "tune" joins with issue 4.
-MODES = ("train", "evaluate", "export", "predict")
-# "multi_worker" joins when multi-host training lands (issue 5).
-STRATEGIES = ("auto", "one_device", "mirrored")
+MODES = ("train", "evaluate", "export", "predict", "tune")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 BACKBONES = ("resnet50",)
 DATASET_SCHEMES = ("demo", "folder:", "tfds:")
+TUNERS = ("hyperband", "bayesian", "random")
+# What `model.fit` logs; the direction follows from the name (loss: min).
+OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
+# Training flags `--mode=tune` can search, each by `--search_NAME=MIN:MAX`:
+# NAME -> (type, KerasTuner sampling, bounds check, bounds in words).
+SEARCHABLE = {
+    "unfreeze_blocks": (int, "linear",
+                        lambda v: 0 <= v <= len(RESNET50_BLOCKS),
+                        f"0 to {len(RESNET50_BLOCKS)} (ResNet50's blocks)"),
+    "finetune_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
+    "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
+    "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 # Speed switches (issue 8). "auto" is resolved per machine in speed.py.
 JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
-CACHE_FEATURES_CHOICES = ("auto", "true", "false")
 
 
 class UserError(Exception):
   """A problem with the user's input: reported as one paragraph, no trace."""
+
+
+class Preempted(Exception):
+  """SIGTERM stopped training after a checkpoint; rerunning resumes it."""
+
+# Config fields that describe an action of one invocation, not the run:
+# flags.cfg leaves them out, so reusing it as --flagfile never wipes
+# checkpoints (--fresh).
+NOT_RECORDED = ("fresh",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +81,25 @@ class Config:
   export_dir: str = ""
   top_k: int = 5
   inputs: str = ""
+  save_every_steps: int = 0
+  fresh: bool = False
+  # Mode "tune" (tuning.py). An empty search_* flag keeps that training flag
+  # fixed; "MIN:MAX" searches it.
+  search_unfreeze_blocks: str = ""
+  search_finetune_learning_rate: str = ""
+  search_head_learning_rate: str = ""
+  search_dropout: str = ""
+  tuner: str = "random"
+  max_trials: int = 10
+  max_epochs: int = 0  # Hyperband's largest budget; 0: all epochs of a run.
+  hyperband_factor: int = 3
+  objective: str = "val_accuracy"
+  early_stopping_patience: int = 0  # 0: off.
+  executions_per_trial: int = 1
+  overwrite_search: bool = False
   mixed_precision: str = "auto"
-  cache_features: str = "auto"
-  feature_views: int = 1
+  cache_features: bool = True
+  feature_views: int = 1  # 1: the un-augmented images.
   cache_memory_mb: int = 1024
 
   @property
@@ -115,6 +151,8 @@ class Config:
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
     self._check_inputs()
+    self._validate_fault_tolerance()
+    self._validate_search()
     self._check_speed_switches()
     return self
 
@@ -128,55 +166,97 @@ class Config:
     _check(os.path.exists(self.inputs), f"--inputs={self.inputs!r}: no such "
            "file or folder.")
 
+  def _validate_fault_tolerance(self) -> None:
+    """Checks the checkpointing flags and the --weights file type."""
+    _check(self.weights in ("imagenet", "none")
+           or self.weights.endswith(".weights.h5"),
+           f"--weights={self.weights!r}: expected 'imagenet', 'none' or a "
+           "path ending in .weights.h5; only weight files are accepted, "
+           "never a whole model (.keras, .h5, SavedModel) that could carry "
+           "code.")
+    _check(self.save_every_steps >= 0,
+           f"--save_every_steps={self.save_every_steps}: must be >= 0 "
+           "(0: a checkpoint at the end of every epoch only).")
+    _check(not self.fresh or self.mode == "train",
+           f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
+  def search_ranges(self) -> Dict[str, Tuple]:
+    """{training flag: (MIN, MAX)} for every search_* flag that is set."""
+    return {name: parse_search_range(name, getattr(self, "search_" + name))
+            for name in SEARCHABLE if getattr(self, "search_" + name)}
+
+  def _validate_search(self) -> None:
+    ranges = self.search_ranges()  # Raises on a malformed range.
+    _check(self.tuner in TUNERS,
+           f"--tuner={self.tuner!r}: expected one of {TUNERS}.")
+    _check(self.objective in OBJECTIVES,
+           f"--objective={self.objective!r}: expected one of {OBJECTIVES}.")
+    for name in ("max_trials", "executions_per_trial"):
+      _check(getattr(self, name) >= 1,
+             f"--{name}={getattr(self, name)}: must be >= 1.")
+    _check(self.hyperband_factor >= 2,
+           f"--hyperband_factor={self.hyperband_factor}: must be >= 2.")
+    _check(0 <= self.max_epochs <= self.total_epochs,
+           f"--max_epochs={self.max_epochs}: must be 0 (all epochs of a run) "
+           "to --head_epochs plus --finetune_epochs = "
+           f"{self.total_epochs}; a trial never trains longer than the run "
+           "it stands for.")
+    _check(self.early_stopping_patience >= 0,
+           "--early_stopping_patience: must be >= 0 (0: off).")
+    _check(self.mode != "tune" or bool(ranges),
+           "--mode=tune: nothing to search; set at least one of "
+           + ", ".join(f"--search_{name}=MIN:MAX" for name in SEARCHABLE)
+           + ".")
+
 
   def _check_speed_switches(self) -> None:
     """XLA, precision and stage-1 feature caching (issue 8)."""
     for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
-                          ("mixed_precision", MIXED_PRECISION_CHOICES),
-                          ("cache_features", CACHE_FEATURES_CHOICES)):
+                          ("mixed_precision", MIXED_PRECISION_CHOICES)):
       value = getattr(self, name)
       _check(value in choices, f"--{name}={value!r}: expected one of {choices}.")
     _check(self.feature_views >= 1,
-           f"--feature_views={self.feature_views}: must be >= 1.")
+           f"--feature_views={self.feature_views}: must be >= 1 (1: the "
+           "un-augmented images).")
     _check(self.cache_memory_mb >= 0,
            f"--cache_memory_mb={self.cache_memory_mb}: must be >= 0.")
-    if self.cache_features == "false":
+    if not self.caches_features or self.feature_views == 1:
       return
-    if self.cache_features == "true":
-      _check(self.head_epochs >= 1, "--cache_features=true caches the "
-             "backbone features for stage head, but --head_epochs=0.")
-      _check(not self.augment or self.feature_views >= 2,
-             f"--cache_features=true with --augment={','.join(self.augment)} "
-             "and --feature_views=1 would train every head epoch on one fixed "
-             "augmented view, silently giving up augmentation. Cache K "
-             "augmented views with --feature_views=K (2 to --head_epochs), "
-             "or set --augment=none, or --cache_features=false.")
-    _check(self.augment or self.feature_views == 1,
+    _check(bool(self.augment),
            f"--feature_views={self.feature_views} with --augment=none: "
            "without augmentation every view is the same image; use "
            "--feature_views=1.")
-    _check(self.feature_views <= max(self.head_epochs, 1),
+    _check(self.feature_views <= self.head_epochs,
            f"--feature_views={self.feature_views} exceeds --head_epochs="
-           f"{self.head_epochs}: epoch e trains on view e mod K, so views "
-           "beyond the number of head epochs would be computed and never used.")
+           f"{self.head_epochs}: head epoch e trains on view e mod K, so "
+           "views beyond the number of head epochs would be computed and "
+           "never used.")
 
   @property
   def caches_features(self) -> bool:
-    """Whether stage head trains on cached backbone features.
-
-    "auto" caches whenever that trains on what the run would have seen
-    anyway: no augmentation (one view is exact), or augmentation with
-    --feature_views >= 2 asked for explicitly.
-    """
-    if self.cache_features == "false" or self.head_epochs == 0:
-      return False
-    return (self.cache_features == "true" or not self.augment
-            or self.feature_views >= 2)
+    """Whether stage head trains on cached backbone features."""
+    return self.cache_features and self.head_epochs > 0
 
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
     raise UserError(message)
+
+
+def parse_search_range(name: str, text: str) -> Tuple:
+  """'1e-5:1e-3' for `name` -> (1e-05, 0.001), checked; raises UserError."""
+  cast, _, in_bounds, bounds = SEARCHABLE[name]
+  flag = f"--search_{name}={text!r}"
+  kind = "whole numbers" if cast is int else "numbers"
+  try:
+    low, high = (cast(part) for part in text.split(":"))
+  except ValueError:
+    raise UserError(f"{flag}: expected MIN:MAX, two {kind} separated by "
+                    "a colon.") from None
+  _check(math.isfinite(low) and math.isfinite(high) and in_bounds(low)
+         and in_bounds(high), f"{flag}: both bounds must be {bounds}.")
+  _check(low <= high, f"{flag}: MIN {low} is above MAX {high}; expected "
+         "MIN:MAX with MIN <= MAX.")
+  return low, high
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:
@@ -189,6 +269,8 @@ def to_flagfile(config: Config) -> str:
   """The config as absl flag lines, reusable as `--flagfile`."""
   lines = []
   for field in dataclasses.fields(config):
+    if field.name in NOT_RECORDED:
+      continue
     value = getattr(config, field.name)
     if isinstance(value, bool):
       value = "true" if value else "false"

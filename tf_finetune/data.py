@@ -14,15 +14,25 @@ Sources (`--dataset`):
 
 Every split comes out as batches of (uint8 [B, S, S, 3], int32 [B]): the
 model does its own preprocessing, so these are exactly the pixels that the
-serving signature `serving_tensor` takes.
+serving signature `serving_tensor` takes. (With `--augment=mixup` or
+`cutmix` the training labels are float32 [B, C] mixtures instead.)
+
+Speed: files are read and decoded by a parallel map (AUTOTUNE; TFDS reads
+its record shards interleaved in parallel itself), resized before
+batching, cached in memory as uint8 when the split fits CACHE_BUDGET_BYTES
+(later epochs then only shuffle, batch and augment), augmented per batch,
+and prefetched. Everything is TensorFlow ops. `tools/bench_input.py`
+measures it against the tutorial pipeline.
 """
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from tf_finetune import augment as augment_lib
+from tf_finetune import decode
 from tf_finetune import demo_data
 from tf_finetune import folder_source
 from tf_finetune.config import Config, UserError
@@ -36,6 +46,9 @@ CACHE_BUDGET_BYTES = 1 << 30
 RECORD_SHUFFLE_BUFFER = 10_000
 
 ensure_demo_dataset = demo_data.ensure_demo_dataset
+# The one decoder of training, checking and serving (export.py uses it).
+decode_and_resize = decode.decode_and_resize
+resize_image = decode.resize_image
 
 
 @dataclasses.dataclass
@@ -44,7 +57,9 @@ class Datasets:
 
   Attributes:
     train: batches of (uint8 [B, S, S, 3], int32 [B]); reshuffled (seeded)
-      and augmented on every pass; one pass is one epoch.
+      and augmented on every pass; one pass is one epoch. When the
+      augmentation mixes labels (MixUp, CutMix) the labels are float32
+      [B, C] instead, one-hot mixtures summing to 1.
     val: batches in a fixed order, not augmented.
     test: like `val`, or None when the run has no test split.
     class_names: sorted class folder names, or the TFDS label names;
@@ -53,6 +68,9 @@ class Datasets:
       "val": 150, "test": 0}.
     skipped_files: [{"path": ..., "reason": ...}] for files that could not
       be used (folder sources only).
+    train_unaugmented: the training split like `val`: fixed order, not
+      augmented (stage head's cached features with --feature_views=1,
+      features.py); None when `train` itself is not augmented.
   """
   train: tf.data.Dataset
   val: tf.data.Dataset
@@ -60,6 +78,7 @@ class Datasets:
   class_names: list
   num_examples: dict
   skipped_files: list
+  train_unaugmented: Optional[tf.data.Dataset] = None
 
 
 def create_datasets(config: Config) -> Datasets:
@@ -80,31 +99,13 @@ def create_datasets(config: Config) -> Datasets:
                   "'folder:DIR' or 'tfds:NAME[:VERSION]'.")
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Decodes one encoded image (JPEG/PNG/GIF/BMP) to uint8 [S, S, 3].
-
-  The single place where pixels are decoded and resized: the training input
-  pipeline and the exported serving graph both call it, so what is served
-  equals what was evaluated.
-  """
-  image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
-                             expand_animations=False)
-  return resize_image(image, image_size)
-
-
-def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Resizes a uint8 [H, W, 3] image to uint8 [S, S, 3] (bilinear, antialiased)."""
-  image.set_shape([None, None, 3])
-  resized = tf.image.resize(image, [image_size, image_size], antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
 # ---------------------------------------------------------------- pipeline
 
 
 def _batches(records: tf.data.Dataset, load, num_examples: int,
-             config: Config, training: bool,
-             augmenter=None) -> tf.data.Dataset:
+             config: Config, training: bool, augmenter=None,
+             num_classes: int = 0,
+             cache: Optional[bool] = None) -> tf.data.Dataset:
   """Turns undecoded records into prefetched batches of (image, label).
 
   Args:
@@ -114,8 +115,12 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
     config: for image size, batch size and seed.
     training: shuffle each pass (seeded) and augment.
     augmenter: from `augment.build_augmenter`, or None.
+    num_classes: for the one-hot labels of label-mixing augmentation.
+    cache: keep decoded images in memory; None: when they fit
+      CACHE_BUDGET_BYTES.
   """
-  cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+  if cache is None:
+    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
   if training and not cache:
     # Shuffling records before decoding keeps the buffer small.
     records = records.shuffle(min(num_examples, RECORD_SHUFFLE_BUFFER),
@@ -129,15 +134,31 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
       dataset = dataset.shuffle(num_examples, seed=config.seed,
                                 reshuffle_each_iteration=True)
   dataset = dataset.batch(config.batch_size)
-  if training and augmenter is not None:
-    # Sequential on purpose: the layers' seed generators are variables that
-    # each call advances, so parallel calls would make the transforms depend
-    # on thread timing. One call per batch is vectorised already, and
-    # prefetch overlaps it with the training step.
-    dataset = dataset.map(
-        lambda images, labels: (augment_lib.augment_batch(augmenter, images),
-                                labels))
-  return dataset.prefetch(tf.data.AUTOTUNE)
+  if training:
+    # Random parameters drawn in order, pixels transformed in parallel:
+    # deterministic for a seed, and the costly part uses every core.
+    dataset = augment_lib.augment_dataset(augmenter, dataset, num_classes)
+  return shard_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Sets how a multi-worker strategy splits this dataset: by DATA, on purpose.
+
+  Every worker runs the whole pipeline (same seed, so the same shuffled
+  global batches) and keeps its own slice of each batch. So every worker
+  runs the same number of steps, which collective training needs, and a
+  step trains on the images a one-device run's step would. FILE sharding,
+  AUTO's first choice, does not fit: the folder source reads from a tensor
+  of paths, not files (AUTO would fall back to DATA with a warning), and a
+  TFDS split has few files, often fewer than workers or of uneven size,
+  which would leave workers with different step counts. The cost: each
+  worker decodes every image (once, when the split fits the cache budget).
+  Single-machine strategies ignore the option.
+  """
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return dataset.with_options(options)
 
 
 # ------------------------------------------------------------------ folder
@@ -148,24 +169,45 @@ def _folder_datasets(root: str, config: Config) -> Datasets:
   class_names, splits, skipped = folder_source.list_folder_splits(root, config)
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
 
+  def make(split: str, training: bool) -> Optional[tf.data.Dataset]:
+    if not splits[split]:
+      return None
+    return files_pipeline(splits[split], config, len(class_names),
+                          training=training, augmenter=augmenter)
+
+  return Datasets(
+      train=make("train", True), val=make("val", False),
+      test=make("test", False), class_names=class_names,
+      num_examples={split: len(splits[split]) for split in SPLITS},
+      skipped_files=skipped, train_unaugmented=make("train", False))
+
+
+def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
+                   num_classes: int, training: bool, augmenter=None,
+                   cache: Optional[bool] = None) -> tf.data.Dataset:
+  """The batches of one split of a folder source, from its (path, label)s.
+
+  What `create_datasets` builds for each split; public for tools such as
+  `tools/bench_input.py`. The files must be decodable (`folder_source`
+  checks them up front).
+
+  Args:
+    files: [(path, label)].
+    config: image size, batch size, seed.
+    num_classes: for label-mixing augmentation.
+    training: shuffle every pass and augment.
+    augmenter: from `augment.build_augmenter`, or None.
+    cache: keep decoded images in memory; None decides by CACHE_BUDGET_BYTES.
+  """
+  paths, labels = zip(*files)
+  records = tf.data.Dataset.from_tensor_slices(
+      (list(paths), tf.constant(labels, tf.int32)))
+
   def load(path, label):
     return decode_and_resize(tf.io.read_file(path), config.image_size), label
 
-  def make(split: str) -> Optional[tf.data.Dataset]:
-    files = splits[split]
-    if not files:
-      return None
-    paths, labels = zip(*files)
-    records = tf.data.Dataset.from_tensor_slices(
-        (list(paths), tf.constant(labels, tf.int32)))
-    return _batches(records, load, len(files), config, split == "train",
-                    augmenter)
-
-  return Datasets(
-      train=make("train"), val=make("val"), test=make("test"),
-      class_names=class_names,
-      num_examples={split: len(splits[split]) for split in SPLITS},
-      skipped_files=skipped)
+  return _batches(records, load, len(files), config, training, augmenter,
+                  num_classes, cache)
 
 
 # -------------------------------------------------------------------- tfds
@@ -178,33 +220,44 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   name, _, version = spec.partition(":")
   builder = _prepare_tfds_builder(tfds, name, version or None, config.data_dir)
   image_key, label_key = _tfds_feature_keys(builder.info, name)
-  channels = builder.info.features[image_key].shape[-1]
+  image_feature = builder.info.features[image_key]
+  # Encoded (PNG/JPEG) images are decoded by decode_and_resize, like files
+  # and like the serving graph: same pixels, 16-bit PNGs scaled to 8 bits,
+  # large JPEGs decoded at reduced scale.
+  encoded = image_feature.np_dtype in (np.uint8, np.uint16)
+  channels = image_feature.shape[-1]
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
+  num_classes = builder.info.features[label_key].num_classes
 
   def load(example):
+    label = tf.cast(example[label_key], tf.int32)
+    if encoded:
+      return decode_and_resize(example[image_key], config.image_size), label
     image = example[image_key]
     if channels == 1:
       image = tf.image.grayscale_to_rgb(image)
-    elif channels == 4:
-      image = image[..., :3]  # Drops alpha, as decode_image(channels=3) does.
-    label = tf.cast(example[label_key], tf.int32)
-    return resize_image(image, config.image_size), label
+    return resize_image(tf.cast(image, tf.uint8), config.image_size), label
 
+  decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}
-  for split, tfds_split in _tfds_split_names(builder.info, name,
-                                             config).items():
-    training = split == "train"
+
+  def make(tfds_split: str, training: bool) -> Tuple[tf.data.Dataset, int]:
     records = builder.as_dataset(
-        split=tfds_split, shuffle_files=training,
+        split=tfds_split, shuffle_files=training, decoders=decoders,
         read_config=tfds.ReadConfig(shuffle_seed=config.seed))
-    counts[split] = _count(records, builder.info, tfds_split)
-    datasets[split] = _batches(records, load, counts[split], config, training,
-                               augmenter)
+    count = _count(records, builder.info, tfds_split)
+    return _batches(records, load, count, config, training, augmenter,
+                    num_classes), count
+
+  split_names = _tfds_split_names(builder.info, name, config)
+  for split, tfds_split in split_names.items():
+    datasets[split], counts[split] = make(tfds_split, split == "train")
   return Datasets(
       train=datasets["train"], val=datasets["val"], test=datasets.get("test"),
       class_names=list(builder.info.features[label_key].names),
       num_examples={split: counts.get(split, 0) for split in SPLITS},
-      skipped_files=[])
+      skipped_files=[],
+      train_unaugmented=make(split_names["train"], False)[0])
 
 
 def _prepare_tfds_builder(tfds, name: str, version: Optional[str],

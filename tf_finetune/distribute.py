@@ -1,9 +1,127 @@
-"""Distribution stage: the tf.distribute strategy a run trains under."""
+"""Distribution stage: the tf.distribute strategy a run trains under.
+
+`--strategy` (with `TF_CONFIG` for several machines):
+
+  one_device    the first GPU, else the CPU.
+  mirrored      every local GPU (or the `--virtual_cpu_devices` CPU devices),
+                one replica each, gradients all-reduced in-process.
+  multi_worker  `MultiWorkerMirroredStrategy` over the cluster that the
+                `TF_CONFIG` environment variable names; every machine runs the
+                same command with its own `task` in TF_CONFIG.
+  auto          multi_worker when TF_CONFIG names more than one task,
+                mirrored when more than one GPU is visible, else one_device.
+
+`--batch_size` is the global batch: tf.distribute splits each batch across
+all replicas of all workers, so the same flags mean the same batches and
+learning rates on any number of devices. Learning rates are never rescaled.
+
+Multi-worker runs need three more things from this module: a workaround
+for Keras' `fit` under MultiWorkerMirroredStrategy
+(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`)
+and a clear error when a peer dies (`explain_peer_failures`).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Dict, Optional
 
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune.config import UserError
+from tf_finetune.config import Config, UserError
+
+TF_CONFIG = "TF_CONFIG"
+# The jobs that train; an "evaluator" or "ps" task is not a training replica.
+_TRAINING_JOBS = ("chief", "worker")
+
+
+class ClusterError(UserError):
+  """A multi-worker run cannot go on: TF_CONFIG is wrong or a peer failed."""
+
+
+# ---------------------------------------------------------------- TF_CONFIG
+
+
+def read_tf_config() -> Optional[Dict]:
+  """The parsed `TF_CONFIG` environment variable, or None when unset/empty."""
+  raw = os.environ.get(TF_CONFIG, "").strip()
+  if not raw:
+    return None
+  try:
+    tf_config = json.loads(raw)
+  except json.JSONDecodeError as e:
+    raise ClusterError(f"{TF_CONFIG} is not valid JSON ({e}).") from e
+  cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else 0
+  if not (isinstance(cluster, dict)
+          and all(isinstance(hosts, list) for hosts in cluster.values())
+          and isinstance(tf_config.get("task", {}), dict)):
+    raise ClusterError(
+        f"{TF_CONFIG} must be a JSON object whose 'cluster' maps job names to "
+        f"lists of host:port and whose 'task' names this machine's job and "
+        f"index; got {raw[:300]!r}.")
+  return tf_config
+
+
+def count_training_tasks(tf_config: Optional[Dict]) -> int:
+  """Chief plus worker tasks in TF_CONFIG's cluster (0 without TF_CONFIG)."""
+  cluster = (tf_config or {}).get("cluster") or {}
+  return sum(len(cluster.get(job) or ()) for job in _TRAINING_JOBS)
+
+
+def resolve_strategy_name(name: str, tf_config: Optional[Dict],
+                          num_gpus: int) -> str:
+  """`auto` -> the concrete strategy name; other names unchanged."""
+  if name != "auto":
+    return name
+  if count_training_tasks(tf_config) > 1:
+    return "multi_worker"
+  return "mirrored" if num_gpus > 1 else "one_device"
+
+
+def is_chief(strategy_name: str) -> bool:
+  """False only for a non-chief task of a multi-worker run.
+
+  The chief is the `chief` task, or worker 0 when the cluster has no chief
+  (TensorFlow's rule). Reads TF_CONFIG only: callable before TensorFlow
+  starts, e.g. to decide who writes `flags.cfg`.
+  """
+  tf_config = read_tf_config()
+  # The GPU count only matters between mirrored and one_device: both chief.
+  if (resolve_strategy_name(strategy_name, tf_config, 0) != "multi_worker"
+      or count_training_tasks(tf_config) < 2):
+    return True  # Trains alone (a missing cluster fails in create_strategy).
+  task = (tf_config or {}).get("task") or {}
+  cluster = (tf_config or {}).get("cluster") or {}
+  if "chief" in cluster:
+    return task.get("type") == "chief"
+  return task.get("type") == "worker" and task.get("index", 0) == 0
+
+
+def _check_cluster(tf_config: Optional[Dict]) -> None:
+  """Raises ClusterError unless TF_CONFIG names this task in a real cluster."""
+  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", '
+             '"host2:12345"]}, "task": {"type": "worker", "index": 0}}\'')
+  if count_training_tasks(tf_config) < 2:
+    raise ClusterError(
+        f"--strategy=multi_worker needs {TF_CONFIG} naming a cluster of at "
+        f"least two chief/worker tasks and this machine's task, {example}; "
+        f"got {json.dumps(tf_config)}.")
+  task = tf_config.get("task") or {}
+  tasks = (tf_config["cluster"].get(task.get("type")) or ())
+  index = task.get("index")
+  if (task.get("type") not in _TRAINING_JOBS or not isinstance(index, int)
+      or not 0 <= index < len(tasks)):
+    raise ClusterError(
+        f"{TF_CONFIG}: 'task' must name this machine's chief or worker "
+        f"entry of the cluster, {example}; got task={json.dumps(task)}.")
+
+
+# ---------------------------------------------------------------- strategy
 
 
 def split_cpu(num_devices: int) -> None:
@@ -27,21 +145,207 @@ def split_cpu(num_devices: int) -> None:
 def create_strategy(name: str, virtual_cpu_devices: int = 0):
   """Returns the tf.distribute strategy for `--strategy=name`.
 
-  `auto` mirrors over GPUs when there are several, else uses one device.
+  Call it first thing: splitting the CPU and joining a multi-worker cluster
+  both have to happen before TensorFlow runs any op.
+
+  Raises:
+    UserError: `multi_worker` without a usable TF_CONFIG, or with
+      `--virtual_cpu_devices` (each worker trains on its own devices).
   """
-  split_cpu(virtual_cpu_devices)
-  gpus = tf.config.list_logical_devices("GPU")
-  if name == "auto":
-    name = "mirrored" if len(gpus) > 1 else "one_device"
-  if name == "mirrored":
-    devices = [d.name for d in gpus] or [
-        d.name for d in tf.config.list_logical_devices("CPU")]
-    strategy = tf.distribute.MirroredStrategy(devices)
-  elif name == "one_device":
-    strategy = tf.distribute.OneDeviceStrategy(
-        gpus[0].name if gpus else "/cpu:0")
+  tf_config = read_tf_config()
+  num_gpus = len(tf.config.list_physical_devices("GPU"))
+  name = resolve_strategy_name(name, tf_config, num_gpus)
+  if name == "multi_worker":
+    strategy = _create_multi_worker_strategy(tf_config, virtual_cpu_devices)
   else:
-    raise UserError(f"--strategy={name!r}: not supported.")
+    if count_training_tasks(tf_config) > 1:
+      logging.warning("%s names a cluster, but --strategy=%s trains on this "
+                      "machine alone.", TF_CONFIG, name)
+    split_cpu(virtual_cpu_devices)
+    strategy = _create_local_strategy(name)
   logging.info("Strategy %s with %d replica(s).", type(strategy).__name__,
                strategy.num_replicas_in_sync)
   return strategy
+
+
+def _create_local_strategy(name: str):
+  gpus = tf.config.list_logical_devices("GPU")
+  if name == "mirrored":
+    devices = [d.name for d in gpus] or [
+        d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+  if name == "one_device":
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+  raise UserError(f"--strategy={name!r}: not supported.")
+
+
+def _create_multi_worker_strategy(tf_config, virtual_cpu_devices: int):
+  """MultiWorkerMirroredStrategy over TF_CONFIG's cluster.
+
+  Blocks until every task of the cluster has started. A peer that dies later
+  is detected by the coordination service TensorFlow starts with this
+  strategy (its heartbeat), which aborts the pending collectives on every
+  other worker; no collective timeout is set, since a worker legitimately
+  waits a minute or more while another traces a train step.
+  """
+  if virtual_cpu_devices:
+    raise UserError(
+        f"--virtual_cpu_devices={virtual_cpu_devices}: only for "
+        "--strategy=mirrored; multi_worker uses each worker's own GPUs, or "
+        "its CPU.")
+  _check_cluster(tf_config)
+  install_keras_multi_worker_fix()
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_multi_worker(strategy) -> bool:
+  """True for a MultiWorkerMirroredStrategy spanning more than one worker."""
+  # pylint: disable=protected-access
+  # Keras gates its multi-worker code paths on exactly this test.
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and strategy.extended._in_multi_worker_mode())
+
+
+def check_batch_split(strategy, batch_size: int,
+                      num_examples: Dict[str, int]) -> None:
+  """Raises UserError when a CPU replica would get an empty batch.
+
+  tf.distribute gives each replica an equal part of every batch, so a last
+  batch with fewer images than replicas leaves some replica nothing. With
+  oneDNN (TF 2.21's default on x86 CPUs) Conv2D mishandles an empty batch
+  and the step fails ("Matrix size-incompatible", see BUILD_NOTES.md); GPUs
+  are fine. So on CPU replicas every batch must hold at least one image per
+  replica.
+  """
+  replicas = strategy.num_replicas_in_sync
+  devices = strategy.extended.worker_devices
+  if replicas < 2 or any("GPU" in d.upper() for d in devices):
+    return
+  fix = ("choose a --batch_size that leaves no such remainder, or set "
+         "TF_ENABLE_ONEDNN_OPTS=0")
+  if batch_size < replicas:
+    raise UserError(f"--batch_size={batch_size} is smaller than the "
+                    f"{replicas} CPU replicas; each needs at least one image.")
+  for split, count in num_examples.items():
+    remainder = count % batch_size
+    if 0 < remainder < replicas:
+      raise UserError(
+          f"--batch_size={batch_size}: the last batch of the {split} split "
+          f"({count} images) holds {remainder}, fewer than the {replicas} CPU "
+          f"replicas, and oneDNN's Conv2D fails on an empty one; {fix}.")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@contextlib.contextmanager
+def chief_outputs(config: Config, strategy):
+  """Yields the config to run with: writes go to the workdir on the chief only.
+
+  Every worker of a multi-worker run executes the whole run (saving and
+  evaluating involve collectives, so all must take part), but only the chief
+  writes into `--workdir` and `--export_dir`. The others get a temporary
+  folder instead, removed when the run ends, whether it succeeds or not.
+  """
+  if not is_multi_worker(strategy) or strategy.extended.should_checkpoint:
+    yield config
+    return
+  resolver = strategy.cluster_resolver
+  scratch = tempfile.mkdtemp(
+      prefix=f"tf_finetune-{resolver.task_type}{resolver.task_id}-")
+  logging.info("Not the chief: this worker writes to %s, removed at the end.",
+               scratch)
+  try:
+    yield dataclasses.replace(config, workdir=scratch,
+                              export_dir=os.path.join(scratch, "export"))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Errors with which TensorFlow aborts collectives when a peer is gone.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+@contextlib.contextmanager
+def explain_peer_failures(strategy):
+  """Turns a peer's failure into a one-paragraph ClusterError.
+
+  TensorFlow's own message starts with the op that saw the failure; the
+  user needs to know that another worker died and what to do.
+  """
+  try:
+    yield
+  except _PEER_ERRORS as e:
+    if not is_multi_worker(strategy):
+      raise
+    resolver = strategy.cluster_resolver
+    raise ClusterError(
+        f"multi-worker training stopped on {resolver.task_type} "
+        f"{resolver.task_id}: another task of the cluster in {TF_CONFIG} "
+        f"failed or became unreachable ({_describe(e)}). Check that task's "
+        "log, then restart every worker.") from e
+
+
+def _describe(error: tf.errors.OpError) -> str:
+  """TensorFlow's message without the Python stack and op names it embeds."""
+  noise = ("Graph execution error", "Detected at node", "Additional GRPC")
+  lines = [line for line in error.message.splitlines()
+           if line.strip() and not line[0].isspace()
+           and not line.startswith(noise)]
+  message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", " ".join(lines))
+  return " ".join(message.split())[:400]
+
+
+# ---------------------------------------------------------------- Keras fix
+#
+# Workaround for keras-team/keras#20585 (also tensorflow/tensorflow#72388):
+# Keras 3.15.1's TensorFlow trainer cannot run `fit`/`evaluate` under a
+# multi-worker MultiWorkerMirroredStrategy, for two reasons:
+#
+# 1. `TensorFlowTrainer._maybe_symbolic_build` takes the first distributed
+#    batch and `strategy.reduce("MEAN", ...)`s it across replicas only to read
+#    its shapes; across workers that reduce is a collective which fails on
+#    the PerReplica batch ("Attempt to convert a value (PerReplica...)").
+#    Fix: build from the first local replica's batch: same shapes and dtypes.
+# 2. `reduce_per_replica` averages the step's metric results across workers
+#    with `strategy.reduce("MEAN", v, axis=0)`; they are scalars, so it fails
+#    ("Invalid reduction dimension 0 for input with 0 dimensions"). Fix: the
+#    mean over replicas (axis=None), which is what Keras computes for one
+#    worker's replicas (tf.reduce_mean over the stacked local results).
+#
+# Both replacements leave every other strategy on Keras' own code. Remove
+# this section once a Keras release fixes #20585 (BUILD_NOTES.md says how to
+# check).
+
+
+def install_keras_multi_worker_fix() -> None:
+  """Patches the two Keras internals above; idempotent."""
+  # pylint: disable=protected-access,g-import-not-at-top
+  from keras.src.backend.tensorflow import trainer
+  if getattr(trainer, "_tf_finetune_multi_worker_fix", False):
+    return
+  build = trainer.TensorFlowTrainer._maybe_symbolic_build
+  reduce_per_replica = trainer.reduce_per_replica
+
+  def maybe_symbolic_build(self, iterator=None, data_batch=None):
+    strategy = self.distribute_strategy
+    if iterator is None or not is_multi_worker(strategy):
+      return build(self, iterator=iterator, data_batch=data_batch)
+    for _, _, batches in iterator:
+      data_batch = tf.nest.map_structure(
+          lambda v: (strategy.experimental_local_results(v)[0]
+                     if isinstance(v, tf.distribute.DistributedValues) else v),
+          next(batches))
+      break
+    return build(self, data_batch=data_batch)
+
+  def reduce_across_workers(values, strategy, reduction):
+    if reduction in ("auto", "mean") and is_multi_worker(strategy):
+      return tf.nest.map_structure(
+          lambda v: strategy.reduce("MEAN", v, axis=None), values)
+    return reduce_per_replica(values, strategy, reduction)
+
+  trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+  trainer.reduce_per_replica = reduce_across_workers
+  trainer._tf_finetune_multi_worker_fix = True

@@ -1,26 +1,30 @@
-"""Stage head on cached backbone features (`--cache_features`).
+"""Stage head on cached backbone features (`--cache_features`, the default).
 
 In stage "head" the backbone is frozen and runs in inference mode (every
 BatchNormalization layer is non-trainable, see stages.py), so its pooled
 output is a pure function of the input image. The tutorials' recipe still
 pushes every image through the whole ResNet50 in every epoch, validation
 included. Here each training image goes through it once per view (K views,
-`--feature_views`), each validation image once, and the head trains on the
-cached features; head epoch e trains on view e mod K, reshuffled:
+`--feature_views`; 1 is the un-augmented image), each validation image
+once, and the head trains on the cached features; head epoch e trains on
+view e mod K, reshuffled:
 
   images --backbone, once per view--> cache --E head epochs--> head
 
 The head model is made of the full model's own head layers (Dropout, Dense),
-not copies, so the weights it trains ARE the full model's. Stage "finetune"
-then continues on images with `model.fit(initial_epoch=head_epochs)`: one
-epoch axis, the same callbacks (TwoStageCallback records, CSV, TensorBoard)
-and the same report as a single `fit` would give.
+not copies, and is compiled with the full model's own optimizer: the
+weights and optimizer state it trains ARE the full model's, so checkpoints
+(which save the full model) and stage "finetune" (which continues on images
+with `model.fit(initial_epoch=head_epochs)`) see them. `train.fit_stages`
+runs both; one epoch axis, the same callbacks and the same report as a
+single `fit` would give.
 
 Storage: in memory up to `--cache_memory_mb`; a view that would exceed it
 goes whole to a TFRecord file under WORKDIR/feature_cache/, which is deleted
 when stage head ends.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -43,100 +47,127 @@ CACHE_DIR = "feature_cache"
 DISK_SHUFFLE_BUFFER = 10_000
 
 
-def choose_fit(model: keras.Model, config, plan: stages.StagePlan,
-               switches, stage_callback: stages.TwoStageCallback) -> Callable:
-  """The function that runs both stages, called like `model.fit`.
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+  """How stage head's features are cached.
 
-  `model.fit` itself when stage head trains on images; otherwise
-  `fit_with_cached_features` bound to this run's model and settings.
-  """
-  if switches.stage1_mode != "cached_features":
-    return model.fit
-  return functools.partial(
-      fit_with_cached_features, model, plan=plan,
-      stage_callback=stage_callback, views=switches.feature_views,
-      batch_size=config.batch_size, memory_mb=config.cache_memory_mb,
-      cache_dir=os.path.join(config.workdir, CACHE_DIR), seed=config.seed)
-
-
-def fit_with_cached_features(model: keras.Model, x: tf.data.Dataset,
-                             validation_data: Optional[tf.data.Dataset] = None,
-                             epochs: int = 1, callbacks: Sequence = (),
-                             verbose="auto", initial_epoch: int = 0, *,
-                             plan: stages.StagePlan,
-                             stage_callback: stages.TwoStageCallback,
-                             views: int, batch_size: int, memory_mb: float,
-                             cache_dir: str, seed: int = 0):
-  """Stage head on cached features, then stage finetune on images.
-
-  Args:
-    model: from `model.build_model`, compiled for stage head.
-    x: batches of (uint8 images, one-hot labels), as `model.fit` takes
-      them; if it augments, every pass over it is a new view.
-    validation_data: batches like `x`, or None.
-    epochs, callbacks, verbose, initial_epoch: as for `model.fit`, over
-      both stages. From `initial_epoch >= plan.head_epochs` on (a resumed
-      run), nothing is cached.
-    plan: the stage plan; `stage_callback` must be among `callbacks`.
-    views: augmented views per training image (K).
+  Attributes:
+    views: views per training image (K); 1 is the un-augmented images.
     batch_size: batch size of the head's training on features.
     memory_mb: cache held in memory up to this size; beyond, on disk.
-    cache_dir: folder for the on-disk part; removed afterwards.
+    folder: for the on-disk part; removed afterwards.
     seed: shuffles the cached features.
-
-  Returns:
-    The History of the last `fit`.
   """
-  head_end = min(plan.head_epochs, epochs)
-  history = None
-  if initial_epoch < head_end:
-    cache = FeatureCache(cache_dir, memory_mb * (1 << 20))
-    try:
-      history = _fit_head_on_features(
-          model, x, validation_data, head_end, callbacks, verbose,
-          initial_epoch, plan, stage_callback, views, batch_size, seed, cache)
-    finally:
-      cache.close()
-    continue_logs(callbacks)
-  if epochs > max(initial_epoch, head_end):
-    history = model.fit(x, validation_data=validation_data, epochs=epochs,
-                        initial_epoch=max(initial_epoch, head_end),
-                        callbacks=callbacks, verbose=verbose)
-  return history
+  views: int
+  batch_size: int
+  memory_mb: float
+  folder: str
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, config) -> "CacheSettings":
+    return cls(config.feature_views, config.batch_size, config.cache_memory_mb,
+               os.path.join(config.workdir, CACHE_DIR), config.seed)
 
 
-def _fit_head_on_features(model, x, validation_data, head_end, callbacks,
-                          verbose, initial_epoch, plan, stage_callback, views,
-                          batch_size, seed, cache):
-  started = time.perf_counter()  # Caching counts in stage head's seconds.
-  extract = make_feature_extractor(model, plan.jit_compile)
-  progbar = _progress_bar(_count_batches(x, views, validation_data), verbose)
-  logging.info("Stage head: computing backbone features once: %d view(s) "
-               "of the training images, and the validation images.", views)
-  val = (cache.store("val", extract, validation_data, progbar)
-         if validation_data is not None else None)
-  train_views = [cache.store(f"train-view{v}", extract, x, progbar)
-                 for v in range(views)]
-  summary = cache.summary(train_views, val, time.perf_counter() - started)
-  logging.info(
-      "Feature cache: %d training images x %d view(s) and %d validation "
-      "images in %.1f s (%.0f images/s); %.1f MB in memory, %.1f MB on disk.",
-      summary["train_examples"], views, summary["val_examples"],
-      summary["seconds"], summary["images_per_second"], summary["memory_mb"],
-      summary["disk_mb"])
-  with model.distribute_strategy.scope():
-    head = build_head_model(model)
-    stages.compile_model(head, plan.head_learning_rate, plan.label_smoothing,
-                         plan.jit_compile)
-  stage_callback.start_stage_early(stages.HEAD, started,
-                                   input="cached_features",
-                                   feature_cache=summary)
-  train, steps = training_dataset(train_views, initial_epoch, batch_size, seed)
-  return head.fit(
-      train, steps_per_epoch=steps, epochs=head_end,
-      initial_epoch=initial_epoch,
-      validation_data=val.dataset().batch(batch_size) if val else None,
-      callbacks=callbacks, verbose=verbose)
+class CachedHeadStage:
+  """Fits stage head's epochs on cached features, segment by segment.
+
+  The features are computed at the first `fit` (a run resumed past stage
+  head computes none); use as a context manager, whose exit deletes the
+  on-disk part of the cache.
+
+  Args:
+    model: from `model.build_model`, in stage head (`stages.apply_stage`).
+    plan: the stage plan.
+    stage_callback: the run's TwoStageCallback; the caching time is counted
+      in stage head's seconds.
+    settings: views, batch size, memory budget, folder, seed.
+    train: batches of (uint8 images, one-hot labels); if it augments, each
+      pass over it is a new view (K >= 2).
+    train_unaugmented: the same images not augmented (the view when K = 1);
+      None when `train` does not augment.
+    validation: batches like `train`, not augmented, or None.
+    verbose: Keras verbosity (0: no progress bar while caching).
+  """
+
+  def __init__(self, model: keras.Model, plan: stages.StagePlan,
+               stage_callback: stages.TwoStageCallback,
+               settings: CacheSettings, train: tf.data.Dataset,
+               train_unaugmented: Optional[tf.data.Dataset],
+               validation: Optional[tf.data.Dataset], verbose=2):
+    self.model = model
+    self.plan = plan
+    self.stage_callback = stage_callback
+    self.settings = settings
+    self.source = (train_unaugmented if settings.views == 1
+                   and train_unaugmented is not None else train)
+    self.validation = validation
+    self.verbose = verbose
+    self.cache = FeatureCache(settings.folder, settings.memory_mb * (1 << 20))
+    self.head: Optional[keras.Model] = None
+    self.views: List[CachedView] = []
+    self.val: Optional[CachedView] = None
+
+  def __enter__(self) -> "CachedHeadStage":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.cache.close()
+    return False
+
+  def fit(self, initial_epoch: int, epochs: int, skip_batches: int,
+          callbacks: Sequence[keras.callbacks.Callback]):
+    """Like `model.fit(train.skip(skip_batches), initial_epoch=...,
+    epochs=...)` in stage head, on cached features; returns the History.
+
+    A fit that skips batches (finishing an interrupted epoch) must be one
+    epoch long, as in `checkpoints.fit_segments`.
+    """
+    if self.head is None:
+      self._compute()
+    batch_size = self.settings.batch_size
+    if skip_batches:
+      assert epochs == initial_epoch + 1, "a partial epoch is fitted alone"
+      view = self.views[initial_epoch % len(self.views)]
+      train, steps = shuffled_batches(view, batch_size, self.settings.seed
+                                      ).skip(skip_batches), None
+    else:
+      train, steps = training_dataset(self.views, initial_epoch, batch_size,
+                                      self.settings.seed)
+    return self.head.fit(
+        train, steps_per_epoch=steps, epochs=epochs,
+        initial_epoch=initial_epoch,
+        validation_data=(self.val.dataset().batch(batch_size)
+                         if self.val else None),
+        callbacks=callbacks, verbose=self.verbose)
+
+  def _compute(self) -> None:
+    """Runs the backbone over the views and the validation images once."""
+    started = time.perf_counter()  # Caching counts in stage head's seconds.
+    views = self.settings.views
+    extract = make_feature_extractor(self.model, self.plan.jit_compile)
+    progbar = _progress_bar(_count_batches(self.source, views,
+                                           self.validation), self.verbose)
+    logging.info("Stage head: computing backbone features once: %d view(s) "
+                 "of the training images, and the validation images.", views)
+    if self.validation is not None:
+      self.val = self.cache.store("val", extract, self.validation, progbar)
+    self.views = [self.cache.store(f"train-view{v}", extract, self.source,
+                                   progbar) for v in range(views)]
+    summary = self.cache.summary(self.views, self.val,
+                                 time.perf_counter() - started)
+    logging.info(
+        "Feature cache: %d training images x %d view(s) and %d validation "
+        "images in %.1f s (%.0f images/s); %.1f MB in memory, %.1f MB on "
+        "disk.", summary["train_examples"], views, summary["val_examples"],
+        summary["seconds"], summary["images_per_second"] or 0,
+        summary["memory_mb"], summary["disk_mb"])
+    with self.model.distribute_strategy.scope():
+      self.head = build_head_model(self.model)
+      compile_head_model(self.head, self.model, self.plan.jit_compile)
+    self.stage_callback.start_stage_early(
+        stages.HEAD, started, input="cached_features", feature_cache=summary)
 
 
 def make_feature_extractor(model: keras.Model, jit_compile: bool = False
@@ -170,6 +201,28 @@ def build_head_model(model: keras.Model) -> keras.Model:
   return keras.Model(inputs, outputs, name="head_on_features")
 
 
+def compile_head_model(head: keras.Model, model: keras.Model,
+                       jit_compile: bool = False) -> None:
+  """Compiles `head` with `model`'s own optimizer and loss.
+
+  The optimizer was built by `stages.apply_stage` on `model`'s trainable
+  variables in stage head, which are exactly `head`'s: sharing it keeps the
+  Adam state in `model`, where checkpoints save it (and where a resumed run
+  loads it).
+  """
+  head.compile(optimizer=model.optimizer, loss=model.loss,
+               metrics=[stages.accuracy_metric()], jit_compile=jit_compile)
+
+
+def shuffled_batches(view: "CachedView", batch_size: int, seed: int
+                     ) -> tf.data.Dataset:
+  """The view's examples, reshuffled on every pass, in batches."""
+  buffer = view.count if view.path is None else min(view.count,
+                                                    DISK_SHUFFLE_BUFFER)
+  return view.dataset().shuffle(buffer, seed=seed,
+                                reshuffle_each_iteration=True).batch(batch_size)
+
+
 def training_dataset(views: List["CachedView"], first_epoch: int,
                      batch_size: int, seed: int):
   """Endless batches in which epoch e (from `first_epoch`) is view e mod K.
@@ -179,13 +232,8 @@ def training_dataset(views: List["CachedView"], first_epoch: int,
     per pass, so with `steps_per_epoch=steps` every epoch is one whole view,
     reshuffled each time it comes round.
   """
-  batched = []
-  for index, view in enumerate(views):
-    buffer = view.count if view.path is None else min(view.count,
-                                                      DISK_SHUFFLE_BUFFER)
-    batched.append(view.dataset().shuffle(
-        buffer, seed=seed + index, reshuffle_each_iteration=True).batch(
-            batch_size))
+  batched = [shuffled_batches(view, batch_size, seed + index)
+             for index, view in enumerate(views)]
   order = [(first_epoch + i) % len(views) for i in range(len(views))]
   dataset = batched[order[0]]
   for index in order[1:]:

@@ -4,6 +4,16 @@ Everything here runs once, up front, in plain Python and one tf.data pass:
 list the class folders, find the files that cannot be decoded, and assign
 the rest to train, val and test. `data.py` turns the result into pipelines.
 
+Which files count: every visible file whose name ends in an image extension
+(any case) is a candidate; everything else (hidden entries, `.txt`, `.csv`,
+...) is ignored. Candidates are decoded by content, so a PNG named `.jpg` is
+used, and those that cannot be decoded (empty, truncated, not an image, a
+format TensorFlow cannot read such as TIFF or HEIC) are skipped and listed
+with the reason.
+
+The check itself (why up front, and how it stays fast) is in
+`file_check.py`.
+
 Layouts (hidden entries and non-image files are ignored everywhere):
 
   DIR/CLASS/...                  classes only: val and test are carved from
@@ -15,15 +25,20 @@ Layouts (hidden entries and non-image files are ignored everywhere):
 
 import hashlib
 import os
-import re
 from typing import Dict, List, Sequence, Tuple
 
-import tensorflow as tf
-
+from tf_finetune import file_check
 from tf_finetune.config import Config, UserError
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# Decodable formats (by content; see decode.py).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
+                    ".dib", ".webp")
+# Images TensorFlow cannot decode: listed as skipped (unless the content is
+# in fact a decodable format), so that the user learns they were left out.
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl",
+                          ".jp2")
+find_undecodable = file_check.find_undecodable
 # Folder names accepted for each split of an explicit split level.
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"),
                   "test": ("test",)}
@@ -34,7 +49,8 @@ def list_folder_splits(root: str, config: Config):
 
   Args:
     root: the folder of `--dataset=folder:ROOT`.
-    config: for `val_fraction`, `test_fraction` and `seed`.
+    config: for `val_fraction`, `test_fraction`, `seed`, and `data_dir`
+      (where the file check keeps its results).
 
   Returns:
     (class_names, {split: [(path, label), ...]}, skipped_files) with all of
@@ -51,8 +67,10 @@ def list_folder_splits(root: str, config: Config):
   class_names = _list_class_names(split_dirs["train"])
   found = {split: _list_split_files(folder, class_names, split_dirs["train"])
            for split, folder in split_dirs.items()}
-  bad = find_undecodable([path for per_class in found.values()
-                          for paths in per_class.values() for path in paths])
+  bad = find_undecodable(
+      [path for per_class in found.values()
+       for paths in per_class.values() for path in paths],
+      cache_file=file_check.cache_file_for(root, config.data_dir))
   usable = {}
   for split, per_class in found.items():
     usable[split] = {name: [p for p in paths if p not in bad]
@@ -124,66 +142,9 @@ def _list_images(class_dir: str) -> List[str]:
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     paths.extend(os.path.join(parent, n) for n in sorted(names)
                  if not n.startswith(".")
-                 and n.lower().endswith(IMAGE_EXTENSIONS))
+                 and n.lower().endswith(IMAGE_EXTENSIONS
+                                        + OTHER_IMAGE_EXTENSIONS))
   return paths
-
-
-def find_undecodable(paths: Sequence[str]) -> Dict[str, str]:
-  """Finds the files that `decode_and_resize` cannot decode.
-
-  Checked up front, before anything trains, with the decoder the pipeline
-  uses: a header check would pass truncated files, and dropping bad files on
-  the fly (`ignore_errors` in the training pipeline) would make the example
-  counts wrong and hide which files were lost. The check is one parallel
-  tf.data pass; only the few failures are decoded again, eagerly, to say why.
-
-  Args:
-    paths: image files.
-
-  Returns:
-    {path: reason} for every file that cannot be used.
-  """
-  if not paths:
-    return {}
-
-  def check(index, path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                               dtype=tf.uint8, expand_animations=False)
-    # Returning something computed from the pixels keeps the decode from
-    # being optimised away.
-    return index, tf.size(image)
-
-  checked = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)),
-                                                 list(paths)))
-             .map(check, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=False)
-             .ignore_errors()
-             .batch(4096))
-  decoded = {int(i) for indices, _ in checked.as_numpy_iterator()
-             for i in indices}
-  return {path: _describe_failure(path) for index, path in enumerate(paths)
-          if index not in decoded}
-
-
-def _describe_failure(path: str) -> str:
-  """One line saying why `path` cannot be decoded."""
-  try:
-    if os.path.getsize(path) == 0:
-      return "empty file (0 bytes)"
-    tf.io.decode_image(tf.io.read_file(path), channels=3,
-                       expand_animations=False)
-  except OSError as error:
-    return f"unreadable: {error.strerror or error}"
-  except tf.errors.OpError as error:
-    return "not a decodable image: " + _op_error_text(error)
-  return "not a decodable image"
-
-
-def _op_error_text(error: tf.errors.OpError) -> str:
-  """TF's own words, without the '{{function_node ...}}' and '[Op:...]'."""
-  text = re.sub(r"\{\{.*?\}\}", "", error.message or "")
-  text = re.sub(r"\[Op:.*", "", text, flags=re.DOTALL)
-  return " ".join(text.split()) or type(error).__name__
 
 
 def _require_usable_images(split_folder: str, per_class: Dict[str, List[str]],

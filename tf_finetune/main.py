@@ -17,6 +17,9 @@ from absl import app, flags  # noqa: E402
 from tf_finetune import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
+# 128 + SIGTERM, the shell's code for "terminated": job schedulers then see
+# an unfinished run and restart it, and the restart resumes.
+PREEMPTED_EXIT_CODE = 143
 _D = config_lib.Config  # Defaults live in one place: the Config dataclass.
 
 flags.DEFINE_string("workdir", None, "Output folder (required).")
@@ -64,19 +67,47 @@ flags.DEFINE_string("export_dir", _D.export_dir,
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
 flags.DEFINE_string("inputs", _D.inputs,
                     "--mode=predict: an image file or a folder of images.")
+flags.DEFINE_integer("save_every_steps", _D.save_every_steps,
+                     "Also checkpoint every N training steps (0: at the end "
+                     "of each epoch only).")
+flags.DEFINE_bool("fresh", _D.fresh, "Delete WORKDIR/checkpoints and train "
+                  "from the start instead of resuming.")
+# Mode "tune": a search_* flag left empty keeps its training flag fixed.
+for _name in config_lib.SEARCHABLE:
+  flags.DEFINE_string(f"search_{_name}", getattr(_D, f"search_{_name}"),
+                      f"MIN:MAX range of --{_name} to search (mode tune).")
+flags.DEFINE_string("tuner", _D.tuner, "Search algorithm: "
+                    + " | ".join(config_lib.TUNERS) + ".")
+flags.DEFINE_integer("max_trials", _D.max_trials, "Trials of the search.")
+flags.DEFINE_integer("max_epochs", _D.max_epochs,
+                     "Hyperband's largest epoch budget per trial (0: "
+                     "--head_epochs plus --finetune_epochs).")
+flags.DEFINE_integer("hyperband_factor", _D.hyperband_factor,
+                     "Hyperband's reduction factor between rounds.")
+flags.DEFINE_string("objective", _D.objective, "Metric the search optimises: "
+                    + " | ".join(config_lib.OBJECTIVES) + ".")
+flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
+                     "Stop a trial after this many stage-finetune epochs "
+                     "without a better objective (0: off).")
+flags.DEFINE_integer("executions_per_trial", _D.executions_per_trial,
+                     "Trainings per trial, from different initialisations; "
+                     "the score is their mean.")
+flags.DEFINE_bool("overwrite_search", _D.overwrite_search,
+                  "Start the search in WORKDIR/tuner/ afresh instead of "
+                  "resuming it.")
 flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
                   config_lib.MIXED_PRECISION_CHOICES,
                   "Keras dtype policy. auto: mixed_float16 on GPUs of compute "
                   "capability >= 7, else float32.")
-flags.DEFINE_enum("cache_features", _D.cache_features,
-                  config_lib.CACHE_FEATURES_CHOICES,
+flags.DEFINE_bool("cache_features", _D.cache_features,
                   "Stage head trains on backbone features computed once per "
-                  "view. auto: when --augment=none or --feature_views >= 2.",
-                  case_sensitive=False)
+                  "view of each image instead of running the frozen backbone "
+                  "in every epoch.")
 flags.DEFINE_integer("feature_views", _D.feature_views,
-                     "Augmented views per training image in the feature "
-                     "cache; head epoch e uses view e mod K (1: no "
-                     "augmentation).")
+                     "Views per training image in the feature cache: 1 is the "
+                     "un-augmented images (--augment then applies in stage "
+                     "finetune only); K >= 2 are K augmented views, head "
+                     "epoch e trains on view e mod K.")
 flags.DEFINE_integer("cache_memory_mb", _D.cache_memory_mb,
                      "Feature cache held in memory up to this size; the rest "
                      "goes to files under WORKDIR/feature_cache/.")
@@ -97,15 +128,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config = config_from_flags()
-    from tf_finetune import train  # Heavy (TensorFlow): after validation.
+    from tf_finetune import distribute, train  # Heavy: after validation.
     if config.mode == "train":
-      os.makedirs(config.workdir, exist_ok=True)
-      with open(os.path.join(config.workdir, "flags.cfg"), "w") as f:
-        f.write(config_lib.to_flagfile(config))
+      from tf_finetune import checkpoints
+      # In a multi-worker run only the chief writes into the workdir.
+      chief = distribute.is_chief(config.strategy)
+      if chief:
+        # Before flags.cfg is rewritten: a refused run must not replace the
+        # flags of the run whose checkpoints are there.
+        checkpoints.check_workdir(config)
+        os.makedirs(config.workdir, exist_ok=True)
+        checkpoints.write_text_atomic(
+            os.path.join(config.workdir, "flags.cfg"),
+            config_lib.to_flagfile(config))
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
-      print(f"report: {os.path.join(config.workdir, 'report.json')}")
-      print(f"export: {result['export_path']}")
+      if chief:
+        print(f"report: {os.path.join(config.workdir, 'report.json')}")
+        print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
       from tf_finetune import evaluate
       result = evaluate.run_evaluation(config)
@@ -116,9 +156,20 @@ def main(argv):
     elif config.mode == "predict":
       from tf_finetune import predict
       print_predictions(predict.run_prediction(config), config.workdir)
+    elif config.mode == "tune":
+      from tf_finetune import tuning  # pylint: disable=g-import-not-at-top
+      result = tuning.run_search(config)
+      if result is not None:  # None: a worker; the chief reports.
+        print(tuning.format_summary(result))
+        print(f"tuning report: {result['report_path']}")
+        print(f"best config: {result['best_config']} (train it: python -m "
+              f"tf_finetune.main --flagfile={result['best_config']})")
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
     return 2
+  except config_lib.Preempted as e:
+    print(f"tf_finetune: {e}", file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
   return 0
 
 

@@ -65,22 +65,26 @@ def resolve_switches(config: Config, strategy) -> Switches:
   logging.info("Precision (--mixed_precision=%s): %s, %s.",
                config.mixed_precision, policy, why)
   cached = config.caches_features
-  logging.info("Stage head (--cache_features=%s): %s.", config.cache_features,
-               f"trains on cached backbone features, {config.feature_views} "
-               "view(s) per image" if cached else _why_images(config))
+  logging.info("Stage head (--cache_features=%s): %s.", cached,
+               describe_stage1(config))
   return Switches(jit_compile=jit, mixed_precision=policy,
                   stage1_mode="cached_features" if cached else "images",
                   feature_views=config.feature_views if cached else 1)
 
 
-def _why_images(config: Config) -> str:
-  if config.cache_features == "false":
-    return "trains on images"
-  if config.head_epochs == 0:
-    return "no stage head to cache features for"
-  return (f"trains on images, because --augment={','.join(config.augment)} "
-          "and --feature_views=1 (cache K augmented views with "
-          "--feature_views=K)")
+def describe_stage1(config: Config) -> str:
+  """What stage head trains on, in words, for the log."""
+  if not config.caches_features:
+    return "trains on images" if config.head_epochs else "no stage head"
+  if config.feature_views > 1:
+    return (f"trains on cached backbone features of {config.feature_views} "
+            f"augmented views of each image (--augment="
+            f"{','.join(config.augment)})")
+  if config.augment:
+    return ("trains on cached backbone features of the un-augmented images; "
+            f"--augment={','.join(config.augment)} applies in stage finetune "
+            "(--feature_views=K caches K augmented views)")
+  return "trains on cached backbone features of the images"
 
 
 def choose_jit_compile(setting: str, has_gpu: bool, replicas: int = 1,

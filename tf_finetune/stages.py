@@ -96,13 +96,17 @@ def compile_model(model: keras.Model, learning_rate: float,
   model.compile(
       optimizer=optimizer,
       loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-      jit_compile=jit_compile)
+      metrics=[accuracy_metric()], jit_compile=jit_compile)
   # Built here, eagerly and in the strategy scope, not lazily inside the
   # first traced train step. `model.optimizer`, not `optimizer`: under
   # mixed_float16 compile wraps it in a LossScaleOptimizer, whose own
   # variables (loss scale, step counter) need building too.
   model.optimizer.build(model.trainable_variables)
+
+
+def accuracy_metric() -> keras.metrics.Metric:
+  """The metric both stages report (labels are one-hot)."""
+  return keras.metrics.CategoricalAccuracy(name="accuracy")
 
 
 def apply_stage(model: keras.Model, plan: StagePlan, stage: str) -> None:
@@ -145,6 +149,7 @@ class TwoStageCallback(keras.callbacks.Callback):
     self.batch_size = batch_size
     self.records: List[Dict] = []
     self._batch_start = 0.0
+    self._resume_note: Optional[Dict] = None  # See restore_records.
     self._early: Dict[str, tuple] = {}
 
   def start_stage_early(self, stage: str, started: float, **fields) -> None:
@@ -213,11 +218,41 @@ class TwoStageCallback(keras.callbacks.Callback):
         "_start": started, "_first_step_done": False,
         "_step_seconds": 0.0, "_images": 0,
     })
+    if self._resume_note:
+      self.records[-1]["resumed_at"] = [self._resume_note]
+      self._resume_note = None
 
   def stage_reports(self) -> List[Dict]:
     """The per-stage records without the private bookkeeping keys."""
     return [{k: v for k, v in r.items() if not k.startswith("_")}
             for r in self.records]
+
+  def records_state(self) -> List[Dict]:
+    """The records as JSON values for a checkpoint: each stage's elapsed
+    seconds replace this process's clock readings."""
+    now = time.perf_counter()
+    return [{**{k: v for k, v in r.items() if k != "_start"},
+             "_elapsed": now - r["_start"]} for r in self.records]
+
+  def restore_records(self, records: List[Dict], epoch: int,
+                      step: int) -> None:
+    """Continues the records of a resumed run (from `records_state`).
+
+    A stage's `seconds` and `images_per_second` then add up the time and
+    images of every process up to its last checkpoint; work lost after that
+    checkpoint is not counted. The stage the run resumes in gets
+    `resumed_at`: one {"epoch", "step"} per resumption (0-based epoch, as in
+    training.csv; steps already trained in it).
+    """
+    now = time.perf_counter()
+    self.records = [{**{k: v for k, v in r.items() if k != "_elapsed"},
+                     "_start": now - r["_elapsed"],
+                     "_first_step_done": False} for r in records]
+    note = {"epoch": epoch, "step": step}
+    if self.records and self.records[-1]["name"] == self.plan.stage_at(epoch):
+      self.records[-1].setdefault("resumed_at", []).append(note)
+    else:  # Resumed at the stage switch: the new stage's record gets it.
+      self._resume_note = note
 
 
 def log_stage_summary(record: Dict) -> None:

@@ -9,14 +9,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, distribute, export, features, plots, report
-from tf_finetune import speed, stages
+from tf_finetune import (checkpoints, data, distribute, export, features,
+                         plots, report, speed, stages)
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -26,32 +26,37 @@ MODEL_FILE = "model.keras"
 def run_training(config: Config,
                  extra_callbacks: Sequence[keras.callbacks.Callback] = ()
                  ) -> Dict:
-  """Trains both stages, evaluates, saves, exports; returns the report."""
-  started = time.perf_counter()
-  os.makedirs(config.workdir, exist_ok=True)
-  keras.utils.set_random_seed(config.seed)
+  """Trains both stages, evaluates, saves, exports; returns the report.
+
+  In a multi-worker run every worker calls this; only the chief writes into
+  the workdir and export folder (see `distribute.chief_outputs`).
+  """
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
-  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
+  with (distribute.explain_peer_failures(strategy),
+        distribute.chief_outputs(config, strategy) as config):
+    return _train(config, strategy, extra_callbacks)
+
+
+def _train(config: Config, strategy,
+           extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
+  started = time.perf_counter()
+  resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
+  os.makedirs(config.workdir, exist_ok=True)
+  keras.utils.set_random_seed(config.seed)
   datasets = data.create_datasets(config)
+  distribute.check_batch_split(strategy, config.batch_size,
+                               datasets.num_examples)
   num_classes = len(datasets.class_names)
+  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
   plan = stages.StagePlan.from_config(config, switches.jit_compile)
   with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_model(num_classes, config.image_size, config.weights,
                         config.dropout, config.seed)
-  first_stage = plan.stage_at(0)
-  stages.apply_stage(model, plan, first_stage)
-  stage_callback = stages.TwoStageCallback(
-      plan, first_stage, datasets.num_examples["train"], config.batch_size)
-  # model.fit, or stage head on cached features first (features.py).
-  fit = features.choose_fit(model, config, plan, switches, stage_callback)
-  fit(
-      to_one_hot(datasets.train, num_classes),
-      validation_data=to_one_hot(datasets.val, num_classes),
-      epochs=plan.total_epochs,
-      callbacks=[stage_callback, *create_logging_callbacks(config.workdir),
-                 *extra_callbacks],
-      verbose=2)
+  stage_callback = start_stages(model, plan, resume, config,
+                                datasets.num_examples["train"])
+  fit_remaining(model, datasets, config, stage_callback, resume,
+                extra_callbacks)
   accuracies = evaluate_splits(model, datasets)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   export_path = export.export_saved_model(
@@ -71,24 +76,115 @@ def run_training(config: Config,
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE))
+  # The run is complete: a rerun starts over rather than resume.
+  checkpoints.remove_checkpoints(config.workdir)
   logging.info("Report: %s", path)
   logging.info("Export: %s", export_path)
   return result
 
 
+def start_stages(model: keras.Model, plan: stages.StagePlan,
+                 resume: Optional[checkpoints.TrainingState], config: Config,
+                 train_examples: int) -> stages.TwoStageCallback:
+  """Compiles `model` for its first stage, or restores a checkpoint into it
+  (stage, weights, optimizer); returns the stage callback to train with."""
+  if resume is None:
+    stage = plan.stage_at(0)
+    stages.apply_stage(model, plan, stage)
+  else:
+    stage = resume.stage
+    checkpoints.restore(model, plan, resume, config.workdir)
+  stage_callback = stages.TwoStageCallback(plan, stage, train_examples,
+                                           config.batch_size)
+  if resume is not None:
+    stage_callback.restore_records(resume.records, resume.epoch, resume.step)
+  return stage_callback
+
+
+def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
+                  stage_callback: stages.TwoStageCallback,
+                  resume: Optional[checkpoints.TrainingState],
+                  extra_callbacks: Sequence[keras.callbacks.Callback] = ()
+                  ) -> None:
+  """Trains the epochs (and steps) not done yet, checkpointing as it goes."""
+  num_classes = len(datasets.class_names)
+  logs = os.path.join(config.workdir, "logs")
+  if resume is not None:
+    checkpoints.trim_csv_log(os.path.join(logs, "training.csv"), resume.epoch)
+  checkpointer = checkpoints.Checkpointer(
+      config.workdir, config, stage_callback,
+      checkpoints.count_steps(datasets.num_examples["train"],
+                              config.batch_size), resume, model=model)
+  # The checkpointer comes last: it saves once the other callbacks, the
+  # CSV log included, have seen the epoch.
+  callbacks = [stage_callback,
+               *create_logging_callbacks(config.workdir,
+                                         append=resume is not None),
+               *extra_callbacks, checkpointer,
+               checkpoints.EpochProgress(config.total_epochs)]
+  with checkpointer.catch_sigterm():
+    fit_stages(model, stage_callback, datasets, config, callbacks, resume)
+
+
+def fit_stages(model: keras.Model, stage_callback: stages.TwoStageCallback,
+               datasets: data.Datasets, config: Config,
+               callbacks: Sequence[keras.callbacks.Callback],
+               resume: Optional[checkpoints.TrainingState] = None,
+               verbose=2) -> keras.callbacks.History:
+  """Runs the fits that train what is left of both stages.
+
+  Stage head trains on cached backbone features when `config` says so
+  (features.py), the rest on images; returns the last fit's History.
+  `stage_callback` (its plan says where the stages are) must be among
+  `callbacks`.
+  """
+  plan = stage_callback.plan
+  num_classes = len(datasets.class_names)
+  train = to_one_hot(datasets.train, num_classes)
+  val = to_one_hot(datasets.val, num_classes)
+  unaugmented = (None if datasets.train_unaugmented is None
+                 else to_one_hot(datasets.train_unaugmented, num_classes))
+  head_end = plan.head_epochs if config.caches_features else 0
+  history = None
+  with features.CachedHeadStage(
+      model, plan, stage_callback, features.CacheSettings.from_config(config),
+      train, unaugmented, val, verbose) as head:
+    for segment in checkpoints.fit_segments(resume, plan.total_epochs,
+                                            split_at=head_end):
+      if segment.initial_epoch < head_end:
+        history = head.fit(segment.initial_epoch, segment.epochs,
+                           segment.skip_batches, callbacks)
+      else:
+        history = model.fit(train.skip(segment.skip_batches),
+                            validation_data=val,
+                            initial_epoch=segment.initial_epoch,
+                            epochs=segment.epochs, callbacks=callbacks,
+                            verbose=verbose)
+      features.continue_logs(callbacks)
+  return history
+
+
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
-  """(images, int labels) -> (images, one-hot labels), as label smoothing needs."""
+  """(images, int labels) -> (images, one-hot labels), as label smoothing needs.
+
+  Labels that are one-hot already (mixed by MixUp/CutMix in augment.py)
+  pass through.
+  """
+  if dataset.element_spec[1].shape.rank == 2:
+    return dataset
   return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def create_logging_callbacks(workdir: str):
+def create_logging_callbacks(workdir: str, append: bool = False):
   """TensorBoard and CSV logs under WORKDIR/logs/, one epoch axis for both
-  stages (the stages share one `fit`)."""
+  stages (the stages share one `fit`). `append` continues the CSV log of a
+  resumed run (and its second fit) instead of starting a new one."""
   logs = os.path.join(workdir, "logs")
   os.makedirs(logs, exist_ok=True)
   return [keras.callbacks.TensorBoard(logs, write_graph=False),
-          keras.callbacks.CSVLogger(os.path.join(logs, "training.csv"))]
+          keras.callbacks.CSVLogger(os.path.join(logs, "training.csv"),
+                                    append=append)]
 
 
 def evaluate_splits(model: keras.Model, datasets: data.Datasets
@@ -120,7 +216,28 @@ def load_trained_model(workdir: str) -> keras.Model:
   if not os.path.isfile(path):
     raise UserError(f"--workdir={workdir!r}: no {MODEL_FILE} there; train "
                     "first with --mode=train.")
-  return keras.models.load_model(path, safe_mode=True)
+  return load_model_safely(path)
+
+
+def load_model_safely(path: str) -> keras.Model:
+  """Loads a `.keras` file with safe_mode on, or raises UserError.
+
+  safe_mode refuses to deserialize Python code (a Lambda layer's function):
+  loading a model must never run code that came with the file.
+  """
+  try:
+    return keras.models.load_model(path, safe_mode=True)
+  except Exception as e:  # Keras raises ValueError/TypeError/OSError by case.
+    message = str(e).strip()
+    if "safe_mode" in message:
+      raise UserError(
+          f"{path}: refused, the model contains Python code (e.g. a Lambda "
+          "layer) and models are loaded with Keras safe_mode on, which never "
+          "runs code from a file. Retrain it with tf_finetune, or rebuild it "
+          "from registered layers.") from e
+    raise UserError(f"{path}: not a loadable Keras model ({type(e).__name__}: "
+                    f"{message.splitlines()[0][:300] if message else ''})."
+                    ) from e
 
 
 def run_export(config: Config) -> str:

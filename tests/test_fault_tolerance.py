@@ -1,0 +1,581 @@
+"""Fault tolerance: resume after a kill, SIGTERM, NaN, crashes mid-write,
+unsafe model files, and a workdir holding another run's checkpoints.
+
+The kill/resume chain drives the real command line and the real ResNet50
+(32 px, a local weights file, 18 training images); the rest uses a tiny
+stand-in model with the same nested "backbone" and block names, through
+the same `train.start_stages` / `train.fit_remaining` code.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_finetune import checkpoints, config as config_lib, data, report
+from tf_finetune import stages, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ------------------------------------------------------------- tiny model
+
+TINY_STEPS = 4  # batches per epoch
+TINY_BATCH = 4
+
+
+def build_tiny_model():
+  """A model shaped like model.build_model: a nested 'backbone' whose layer
+  names carry ResNet50 block names, and a 'classifier' head."""
+  keras.utils.set_random_seed(3)
+  inputs = keras.Input((6,))
+  x = keras.layers.Dense(8, activation="relu", name="conv4_block6_1_conv")(
+      inputs)
+  x = keras.layers.Dense(8, activation="relu", name="conv5_block3_1_conv")(x)
+  backbone = keras.Model(inputs, x, name="backbone")
+  outer = keras.Input((6,))
+  outputs = keras.layers.Dense(3, activation="softmax", name="classifier")(
+      backbone(outer))
+  return keras.Model(outer, outputs)
+
+
+def tiny_datasets():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(TINY_STEPS * TINY_BATCH, 6)).astype("float32")
+  y = (np.arange(len(x)) % 3).astype("int32")
+  # No shuffling: an uninterrupted run and a resumed one see the same
+  # batches, so their final weights can be compared bit for bit.
+  train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(TINY_BATCH)
+  return data.Datasets(train=train_ds, val=train_ds.take(1), test=None,
+                       class_names=["a", "b", "c"],
+                       num_examples={"train": len(x), "val": TINY_BATCH},
+                       skipped_files=[])
+
+
+def tiny_config(workdir, **overrides):
+  values = dict(workdir=str(workdir), weights="none", head_epochs=1,
+                finetune_epochs=2, head_learning_rate=1e-2,
+                finetune_learning_rate=1e-3, unfreeze_blocks=1,
+                batch_size=TINY_BATCH, save_every_steps=1)
+  values.update(overrides)
+  return config_lib.Config(**values).validate()
+
+
+class CrashAt(keras.callbacks.Callback):
+  """Simulates a crash before step `step` of `epoch` (0-based), keeping a
+  copy of the state the last checkpoint holds."""
+
+  def __init__(self, epoch, step):
+    super().__init__()
+    self.epoch, self.step, self.current = epoch, step, None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.current = epoch
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if (self.current, batch) == (self.epoch, self.step):
+      self.weights = [v.numpy().copy() for v in self.model.weights]
+      self.optimizer = [v.numpy().copy()
+                        for v in self.model.optimizer.variables]
+      raise RuntimeError("simulated crash")
+
+
+class CountSteps(keras.callbacks.Callback):
+  def __init__(self):
+    super().__init__()
+    self.steps = {}
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.current = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps[self.current] = self.steps.get(self.current, 0) + 1
+
+
+def run_tiny(config, extra=(), resume=None):
+  """One training process of the tiny model: returns (model, stage callback)."""
+  model = build_tiny_model()
+  plan = stages.StagePlan.from_config(config)
+  datasets = tiny_datasets()
+  callback = train.start_stages(model, plan, resume, config,
+                                datasets.num_examples["train"])
+  train.fit_remaining(model, datasets, config, callback, resume, extra)
+  return model, callback
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  config = tiny_config(tmp_path_factory.mktemp("straight"))
+  model, callback = run_tiny(config)
+  return [v.numpy() for v in model.weights], callback.stage_reports()
+
+
+def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
+    tmp_path, uninterrupted):
+  config = tiny_config(tmp_path)
+  crash = CrashAt(epoch=1, step=2)  # stage "finetune", after its step 2
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [crash])
+  state = checkpoints.check_workdir(config)
+  assert (state.epoch, state.step, state.stage) == (1, 2, "finetune")
+
+  model = build_tiny_model()
+  plan = stages.StagePlan.from_config(config)
+  callback = train.start_stages(model, plan, state, config, 16)
+  # The finetune configuration, with the saved optimizer state in it.
+  assert {v.path for v in model.trainable_variables} == {
+      "conv5_block3_1_conv/kernel", "conv5_block3_1_conv/bias",
+      "classifier/kernel", "classifier/bias"}
+  # The finetune optimizer of the crashed run: 2 steps, not the head's 4.
+  assert int(model.optimizer.iterations.numpy()) == 2
+  for saved, restored in zip(crash.optimizer, model.optimizer.variables):
+    np.testing.assert_array_equal(saved, restored.numpy())
+  for saved, restored in zip(crash.weights, model.weights):
+    np.testing.assert_array_equal(saved, restored.numpy())
+  np.testing.assert_allclose(float(model.optimizer.learning_rate), 1e-3)
+
+  steps = CountSteps()
+  train.fit_remaining(model, tiny_datasets(), config, callback, state, [steps])
+  # Only what was left: the rest of epoch 1, then epoch 2.
+  assert steps.steps == {1: TINY_STEPS - 2, 2: TINY_STEPS}
+  straight_weights, straight_reports = uninterrupted
+  for expected, actual in zip(straight_weights, model.weights):
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
+  reports = callback.stage_reports()
+  assert [(r["name"], len(r["history"]["loss"])) for r in reports] == [
+      ("head", 1), ("finetune", 2)]
+  assert reports[1]["resumed_at"] == [{"epoch": 1, "step": 2}]
+  assert "resumed_at" not in reports[0]
+  for straight, resumed in zip(straight_reports, reports):
+    assert straight["trainable_params"] == resumed["trainable_params"]
+    assert straight["history"]["learning_rate"] == resumed["history"][
+        "learning_rate"]
+
+
+class CrashAtEnd(keras.callbacks.Callback):
+  def on_train_end(self, logs=None):
+    raise RuntimeError("simulated crash after the last epoch")
+
+
+def test_resume_after_the_last_epoch_trains_nothing(tmp_path, uninterrupted):
+  config = tiny_config(tmp_path, save_every_steps=0)
+  with pytest.raises(RuntimeError, match="after the last epoch"):
+    run_tiny(config, [CrashAtEnd()])
+  state = checkpoints.check_workdir(config)
+  assert (state.epoch, state.step) == (3, 0)
+  steps = CountSteps()
+  model, callback = run_tiny(config, [steps], resume=state)
+  assert steps.steps == {}
+  assert [len(r["history"]["loss"]) for r in callback.stage_reports()] == [
+      1, 2]
+  for expected, actual in zip(uninterrupted[0], model.weights):
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+  config = tiny_config(tmp_path)
+  with pytest.raises(RuntimeError):
+    run_tiny(config, [CrashAt(epoch=0, step=2)])
+  state = checkpoints.check_workdir(config)
+  path = tmp_path / "checkpoints" / state.file
+  with open(path, "r+b") as f:
+    f.truncate(100)  # e.g. a disk that lost the file's end
+  with pytest.raises(config_lib.UserError) as raised:
+    run_tiny(config, resume=state)
+  assert str(path) in str(raised.value) and "--fresh" in str(raised.value)
+
+
+def test_nan_loss_stops_naming_stage_epoch_step_and_keeps_checkpoint(tmp_path):
+  # A huge learning rate makes the finetune stage diverge.
+  config = tiny_config(tmp_path, finetune_learning_rate=1e38)
+  with pytest.raises(checkpoints.TrainingDiverged) as raised:
+    run_tiny(config)
+  message = str(raised.value)
+  assert "stage 'finetune', epoch 2/3, step " in message
+  assert "--finetune_learning_rate" in message
+  assert isinstance(raised.value, config_lib.UserError)  # main: exit 2
+  state = checkpoints.read_state(str(tmp_path))
+  assert state is not None and state.epoch >= 1
+  kept = checkpoints.describe_position(state.epoch, state.step, 3)
+  assert f"({kept}), is kept in {tmp_path / 'checkpoints'}" in message
+  # The kept checkpoint loads, in its stage, and holds finite weights only.
+  model = build_tiny_model()
+  train.start_stages(model, stages.StagePlan.from_config(config), state,
+                     config, 16)
+  assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+  assert not os.path.exists(tmp_path / "report.json")
+
+
+def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):
+  config = tiny_config(tmp_path)
+  with pytest.raises(RuntimeError):
+    run_tiny(config, [CrashAt(epoch=0, step=2)])
+  assert checkpoints.check_workdir(config).step == 2
+  # Speed and location flags may change on resume...
+  same_run = tiny_config(tmp_path, jit_compile=True, save_every_steps=0,
+                         strategy="one_device", top_k=1)
+  assert checkpoints.check_workdir(same_run).step == 2
+  # ...flags that change what is trained may not.
+  other = tiny_config(tmp_path, finetune_learning_rate=1e-4, unfreeze_blocks=2)
+  with pytest.raises(config_lib.UserError) as raised:
+    checkpoints.check_workdir(other)
+  message = str(raised.value)
+  assert "--finetune_learning_rate was 0.001, now 0.0001" in message
+  assert "--unfreeze_blocks was 1, now 2" in message
+  assert "--fresh" in message
+  assert checkpoints.read_state(str(tmp_path)) is not None  # untouched
+  fresh = tiny_config(tmp_path, unfreeze_blocks=2, fresh=True)
+  assert checkpoints.prepare_workdir(fresh) is None
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_fresh_is_not_recorded_in_flags_cfg(tmp_path):
+  # Reusing flags.cfg as --flagfile after a crash must resume, not wipe.
+  text = config_lib.to_flagfile(tiny_config(tmp_path, fresh=True))
+  assert "--fresh" not in text
+  assert "--save_every_steps=1" in text
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    ({"save_every_steps": -1}, "--save_every_steps=-1"),
+    ({"fresh": True, "mode": "evaluate"}, "--fresh"),
+    ({"weights": "/tmp/model.keras"}, "--weights='/tmp/model.keras'"),
+    ({"weights": "/tmp/backbone.h5"}, "only weight files"),
+])
+def test_bad_fault_tolerance_flags_are_refused(overrides, culprit):
+  with pytest.raises(config_lib.UserError) as raised:
+    config_lib.Config(workdir="/tmp/w", **overrides).validate()
+  assert culprit in str(raised.value)
+
+
+def test_fit_segments_finish_an_interrupted_epoch_first():
+  def state(epoch, step):
+    return checkpoints.TrainingState(epoch, step, "head", [], "f", 0, {})
+  segments = checkpoints.fit_segments
+  assert segments(None, 4) == [checkpoints.FitSegment(0, 4, 0)]
+  assert segments(state(2, 0), 4) == [checkpoints.FitSegment(2, 4, 0)]
+  assert segments(state(2, 3), 4) == [checkpoints.FitSegment(2, 3, 3),
+                                      checkpoints.FitSegment(3, 4, 0)]
+  assert segments(state(3, 1), 4) == [checkpoints.FitSegment(3, 4, 1)]
+  assert segments(state(4, 0), 4) == []
+
+
+def test_csv_log_keeps_one_row_per_epoch_after_resume(tmp_path):
+  path = str(tmp_path / "training.csv")
+  with open(path, "w") as f:
+    f.write("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
+  checkpoints.trim_csv_log(path, 2)
+  with open(path) as f:
+    assert f.read() == "epoch,loss\n0,1.0\n1,0.9\n"
+
+
+# ------------------------------------------------------- crash mid-write
+
+# Each script kills its own process with SIGKILL halfway through a write:
+# no `except`, no `finally`, no Python clean-up runs, as in a real crash.
+REPORT_CRASH = textwrap.dedent("""
+    import os, signal, sys
+    from tf_finetune import report
+
+    class DiesMidway(list):  # json iterates it while writing the file
+      def __iter__(self):
+        yield from ["x" * 100] * 2000  # 200 kB, partly flushed to disk
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    report.write_json_atomic(sys.argv[1], {"stages": DiesMidway([0])})
+""")
+MODEL_CRASH = textwrap.dedent("""
+    import os, signal, sys
+    import keras
+    from tf_finetune import train
+
+    class DiesMidway(keras.layers.Layer):  # saved after the Dense layer
+      def call(self, x):
+        return x
+
+      def save_own_variables(self, store):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    inputs = keras.Input((4,))
+    outputs = DiesMidway()(keras.layers.Dense(256)(inputs))
+    train.save_model_atomic(keras.Model(inputs, outputs), sys.argv[1])
+""")
+
+
+def crash_while_writing(script, path):
+  result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  # The crash did happen mid-write: a partial temp file is left beside it.
+  partial = [p for p in os.listdir(os.path.dirname(path))
+             if p.startswith(".tmp-")]
+  assert partial and all(
+      os.path.getsize(os.path.join(os.path.dirname(path), p)) > 0
+      for p in partial)
+
+
+def test_crash_while_writing_report_json_keeps_the_previous_one(tmp_path):
+  path = tmp_path / "report.json"
+  report.write_json_atomic(str(path), {"class_names": ["a", "b"]})
+  crash_while_writing(REPORT_CRASH, path)
+  with open(path) as f:
+    assert json.load(f) == {"class_names": ["a", "b"]}
+
+
+def test_crash_while_writing_model_keras_keeps_the_previous_one(tmp_path):
+  path = tmp_path / "model.keras"
+  inputs = keras.Input((4,))
+  previous = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+  train.save_model_atomic(previous, str(path))
+  with open(path, "rb") as f:
+    before = f.read()
+  crash_while_writing(MODEL_CRASH, path)
+  with open(path, "rb") as f:
+    assert f.read() == before
+  loaded = train.load_model_safely(str(path))
+  np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(),
+                                previous.layers[-1].kernel.numpy())
+
+
+# ------------------------------------------------------------ unsafe input
+
+
+def test_keras_file_with_a_lambda_layer_is_refused(tmp_path):
+  inputs = keras.Input((4,))
+  outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+  keras.Model(inputs, outputs).save(str(tmp_path / "model.keras"))
+  with open(tmp_path / "report.json", "w") as f:
+    json.dump({"class_names": ["a", "b", "c", "d"]}, f)
+  config = config_lib.Config(workdir=str(tmp_path), mode="export").validate()
+  with pytest.raises(config_lib.UserError) as raised:
+    train.run_export(config)
+  message = str(raised.value)
+  assert str(tmp_path / "model.keras") in message
+  assert "Lambda" in message and "safe_mode" in message
+  assert not os.path.exists(tmp_path / "export")
+
+
+def test_weights_flag_takes_weight_files_only(tmp_path):
+  # A whole model, even one that loads fine, is not a --weights file.
+  inputs = keras.Input((4,))
+  keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(
+      str(tmp_path / "m.keras"))
+  with pytest.raises(config_lib.UserError, match="only weight files"):
+    config_lib.Config(workdir=str(tmp_path),
+                      weights=str(tmp_path / "m.keras")).validate()
+
+
+# --------------------------------------------- the command line, killed
+
+SIZE = 32
+HEAD_EPOCHS, FINETUNE_EPOCHS, UNFREEZE = 2, 2, 1
+TOTAL = HEAD_EPOCHS + FINETUNE_EPOCHS
+
+
+def start_cli(*flags):
+  return subprocess.Popen(
+      [sys.executable, "-m", "tf_finetune.main", *flags], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def poll_state(workdir, process, condition, timeout=900):
+  """Waits until the checkpoint pointer satisfies `condition`."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    state = checkpoints.read_state(workdir)
+    if state is not None and condition(state):
+      return state
+    time.sleep(0.05)
+  process.kill()
+  raise AssertionError("timed out waiting for a checkpoint")
+
+
+def finish(process, timeout=900):
+  out, err = process.communicate(timeout=timeout)
+  return process.returncode, out, err
+
+
+def backbone_values(backbone):
+  return {v.path: v.numpy().copy() for v in backbone.weights}
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+  """A local backbone file with non-trivial BatchNorm statistics."""
+  keras.utils.set_random_seed(1)
+  source = keras.applications.ResNet50(include_top=False, weights=None,
+                                       input_shape=(SIZE, SIZE, 3))
+  rng = np.random.default_rng(1)
+  for layer in source.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, layer.moving_mean.shape))
+      layer.moving_variance.assign(
+          rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+  path = str(tmp_path_factory.mktemp("weights") / "resnet50.weights.h5")
+  source.save_weights(path)
+  return path, backbone_values(source)
+
+
+def write_images(root):
+  """train/ and val/ folders: 18 training images, 3 steps of 6 an epoch."""
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 9), ("val", 3)):
+    for label, name in enumerate(("dark", "light")):
+      folder = os.path.join(root, split, name)
+      os.makedirs(folder)
+      for i in range(count):
+        base = 60 + 120 * label
+        pixels = rng.integers(base - 50, base + 50, (40, 40, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(
+            os.path.join(folder, f"{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, weights_file):
+  """One run stopped three ways, then completed:
+
+  1. SIGTERM during stage "head", after its first checkpoint;
+  2. the same command resumes, and gets SIGKILL during stage "finetune";
+  3. the same command with another --image_size is refused;
+  4. the same command resumes and completes.
+  """
+  base = tmp_path_factory.mktemp("killed")
+  workdir, images = str(base / "work"), str(base / "images")
+  write_images(images)
+  command = ("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+             f"--dataset=folder:{images}", f"--weights={weights_file[0]}",
+             f"--image_size={SIZE}", "--batch_size=6", "--test_fraction=0",
+             f"--head_epochs={HEAD_EPOCHS}",
+             f"--finetune_epochs={FINETUNE_EPOCHS}",
+             f"--unfreeze_blocks={UNFREEZE}", "--save_every_steps=1")
+  runs = {}
+
+  process = start_cli(*command)
+  poll_state(workdir, process, lambda s: True)
+  process.send_signal(signal.SIGTERM)
+  runs["sigterm"] = finish(process)
+  runs["after_sigterm"] = checkpoints.read_state(workdir)
+
+  process = start_cli(*command)
+  runs["in_finetune"] = poll_state(workdir, process,
+                                   lambda s: s.stage == "finetune")
+  process.kill()  # SIGKILL
+  runs["sigkill"] = finish(process)
+  runs["after_sigkill"] = checkpoints.read_state(workdir)
+  runs["report_after_sigkill"] = os.path.exists(
+      os.path.join(workdir, "report.json"))
+
+  with open(os.path.join(workdir, "flags.cfg")) as f:
+    flags_before = f.read()
+  result = subprocess.run(
+      [sys.executable, "-m", "tf_finetune.main", *command, "--image_size=48"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  with open(os.path.join(workdir, "flags.cfg")) as f:
+    runs["refused"] = (result.returncode, result.stderr,
+                       f.read() == flags_before)
+
+  runs["resumed"] = finish(start_cli(*command))
+  return workdir, runs
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(killed_and_resumed):
+  _, runs = killed_and_resumed
+  code, _, err = runs["sigterm"]
+  state = runs["after_sigterm"]
+  assert code == 143, err[-3000:]
+  assert "Traceback" not in err
+  position = checkpoints.describe_position(state.epoch, state.step, TOTAL)
+  assert f"tf_finetune: stopped by SIGTERM; checkpoint saved {position}" in err
+  assert state.stage == "head"
+  # The next run resumed from exactly there.
+  _, _, err = runs["sigkill"]
+  assert f"{position} (stage 'head')" in err
+
+
+def test_sigkill_in_finetune_then_rerun_completes_every_epoch(
+    killed_and_resumed):
+  workdir, runs = killed_and_resumed
+  assert runs["sigkill"][0] == -signal.SIGKILL
+  killed_at = runs["after_sigkill"]
+  assert killed_at.stage == "finetune" and killed_at.epoch < TOTAL
+  assert not runs["report_after_sigkill"]
+  code, out, err = runs["resumed"]
+  assert code == 0, err[-3000:]
+  position = checkpoints.describe_position(killed_at.epoch, killed_at.step,
+                                           TOTAL)
+  assert f"{position} (stage 'finetune')" in err
+  # Only the remaining epochs ran: not the head stage's again.
+  for epoch in range(1, HEAD_EPOCHS + 1):
+    assert f"Epoch {epoch}/{TOTAL}" not in out
+  assert f"Epoch {TOTAL}/{TOTAL}" in out
+  with open(os.path.join(workdir, "logs", "training.csv")) as f:
+    rows = f.read().split()[1:]
+  assert [int(row.split(",")[0]) for row in rows] == list(range(TOTAL))
+  # A finished run leaves no checkpoints: rerunning starts over.
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_resumed_report_describes_both_stages(killed_and_resumed):
+  workdir, runs = killed_and_resumed
+  with open(os.path.join(workdir, "report.json")) as f:
+    result = json.load(f)
+  head, finetune = result["stages"]
+  assert (head["name"], finetune["name"]) == ("head", "finetune")
+  assert len(head["history"]["loss"]) == HEAD_EPOCHS
+  assert len(finetune["history"]["loss"]) == FINETUNE_EPOCHS
+  assert finetune["history"]["learning_rate"] == pytest.approx(
+      [1e-4] * FINETUNE_EPOCHS)
+  assert finetune["trainable_params"] > head["trainable_params"]
+  killed_at = runs["after_sigkill"]
+  assert finetune["resumed_at"][-1] == {"epoch": killed_at.epoch,
+                                        "step": killed_at.step}
+  assert head["resumed_at"] == [{"epoch": runs["after_sigterm"].epoch,
+                                 "step": runs["after_sigterm"].step}]
+
+
+def test_frozen_layers_are_bit_identical_to_the_loaded_weights(
+    killed_and_resumed, weights_file):
+  workdir, _ = killed_and_resumed
+  _, loaded = weights_file
+  model = train.load_trained_model(workdir)
+  final = backbone_values(model.get_layer("backbone"))
+  assert final.keys() == loaded.keys()
+  changed = {k for k in loaded if not np.array_equal(loaded[k], final[k])}
+  top = config_lib.RESNET50_BLOCKS[-UNFREEZE:]
+  expected = {k for k in loaded if stages.block_of(k.split("/")[0]) in top
+              and "_conv/" in k}
+  assert expected and changed == expected
+
+
+def test_workdir_with_other_run_checkpoints_is_refused(killed_and_resumed):
+  _, runs = killed_and_resumed
+  code, err, flags_kept = runs["refused"]
+  assert code == 2, err[-3000:]
+  assert "--image_size was 32, now 48" in err and "--fresh" in err
+  assert "Traceback" not in err
+  assert flags_kept  # flags.cfg of the run being protected is not replaced
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+  class PoisonAt(keras.callbacks.Callback):  # e.g. an overflow in an update
+    def on_epoch_end(self, epoch, logs=None):
+      if epoch == 1:
+        kernel = self.model.get_layer("classifier").kernel
+        kernel.assign(np.full(kernel.shape, np.inf, "float32"))
+
+  config = tiny_config(tmp_path, save_every_steps=0)
+  with pytest.raises(checkpoints.TrainingDiverged) as raised:
+    run_tiny(config, [PoisonAt()])
+  assert ("(classifier/kernel) in stage 'finetune', after epoch 2/3. The last "
+          "checkpoint, written before that (after epoch 1/3)") in str(
+              raised.value)
+  assert checkpoints.read_state(str(tmp_path)).epoch == 1

@@ -1,0 +1,179 @@
+"""The up-front check of a folder source: which files cannot be decoded, why.
+
+Why up front rather than dropping bad files on the fly: the split sizes,
+the steps per epoch and `report.json` must say exactly which files were
+used, and a bad file must not stop a run hours in. So every candidate file
+is decoded once, in one parallel tf.data pass, with the pipeline's own
+decoder (`decode.decode_and_resize`; a header check would pass truncated
+files) at a thumbnail size, where libjpeg skips most of the work.
+
+That still costs about one JPEG decode per file. So the verdicts are kept
+in a small JSON file per dataset folder (under `--data_dir`, default
+`~/.cache/tf_finetune/checks/`), keyed by path, size and modification time:
+later runs on the same folder (another training run, `--mode=evaluate`,
+tuning trials) check only new or changed files.
+"""
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Dict, Optional, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_finetune import decode
+
+# The check decodes at this side: a JPEG of 8x this or more is then decoded
+# at 1/8 scale, by the same code path as training.
+CHECK_SIZE = 16
+# A progress bar is shown when checking at least this many files.
+PROGRESS_MIN_FILES = 2000
+# Part of the cache key: a new decoder may decode what an old one could not.
+_CACHE_VERSION = f"decode-v1/tf-{tf.__version__}"
+
+
+def find_undecodable(paths: Sequence[str], progress: Optional[bool] = None,
+                     cache_file: str = "") -> Dict[str, str]:
+  """Finds the files that `decode.decode_and_resize` cannot decode.
+
+  Args:
+    paths: candidate image files.
+    progress: show a progress bar; None: when checking PROGRESS_MIN_FILES
+      or more files.
+    cache_file: JSON file of earlier verdicts to reuse and update; "" for
+      none.
+
+  Returns:
+    {path: reason} for every file that cannot be used.
+  """
+  identities = {path: _identity(path) for path in paths}
+  known = _load_cache(cache_file)
+  verdicts = {path: known[path][2] for path in paths
+              if path in known and known[path][:2] == identities[path]}
+  unchecked = [path for path in paths if path not in verdicts]
+  verdicts.update(_check(unchecked, progress))
+  if cache_file and unchecked:
+    _save_cache(cache_file, {path: [*identities[path], verdicts[path]]
+                             for path in paths})
+  return {path: reason for path, reason in verdicts.items() if reason}
+
+
+def cache_file_for(root: str, data_dir: str = "") -> str:
+  """Where the verdicts for dataset folder `root` are kept."""
+  base = data_dir or os.path.expanduser("~/.cache/tf_finetune")
+  key = hashlib.sha256(os.path.realpath(root).encode("utf-8")).hexdigest()
+  return os.path.join(base, "checks", key[:24] + ".json")
+
+
+def _check(paths: Sequence[str], progress: Optional[bool]) -> Dict[str, str]:
+  """{path: reason, or "" when it decodes} for every path: one parallel pass
+  over all, then the few failures read again, eagerly, to say why."""
+  if not paths:
+    return {}
+  started = time.perf_counter()
+
+  def check(index, path):
+    image = decode.decode_and_resize(tf.io.read_file(path), CHECK_SIZE)
+    # Returning something computed from the pixels keeps the decode from
+    # being optimised away.
+    return index, tf.reduce_max(image)
+
+  checked = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)),
+                                                 list(paths)))
+             .map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=False)
+             .ignore_errors()
+             .batch(256))
+  if progress is None:
+    progress = len(paths) >= PROGRESS_MIN_FILES
+  bar = keras.utils.Progbar(len(paths), unit_name="file") if progress else None
+  decoded = set()
+  for indices, _ in checked.as_numpy_iterator():
+    decoded.update(int(i) for i in indices)
+    if bar:
+      bar.update(len(decoded))
+  verdicts = {path: "" if index in decoded else describe_failure(path)
+              for index, path in enumerate(paths)}
+  if bar:
+    bar.update(len(paths), finalize=True)
+  seconds = time.perf_counter() - started
+  logging.info("Checked %d image files in %.1f s (%.0f files/s): %d cannot "
+               "be used.", len(paths), seconds, len(paths) / seconds,
+               len(paths) - len(decoded))
+  return verdicts
+
+
+def describe_failure(path: str) -> str:
+  """One line saying why `path` cannot be decoded."""
+  try:
+    with open(path, "rb") as f:
+      content = f.read()
+  except OSError as error:
+    return f"unreadable: {error.strerror or error}"
+  if not content:
+    return "empty file (0 bytes)"
+  found = decode.sniff_format(content[:32])
+  supported = ", ".join(decode.SUPPORTED_FORMATS)
+  if not found:
+    return (f"not an image: the content is none of {supported} "
+            f"(starts with {content[:8]!r})")
+  if found not in decode.SUPPORTED_FORMATS:
+    return (f"unsupported image format {found}; convert it to one of "
+            f"{supported}")
+  try:
+    decode.decode_and_resize(tf.constant(content), CHECK_SIZE)
+  except tf.errors.OpError as error:
+    return (f"undecodable {found} (truncated, corrupt or an unsupported "
+            f"variant): {_op_error_text(error)}")
+  return f"could not be decoded as {found}"
+
+
+def _op_error_text(error: tf.errors.OpError) -> str:
+  """TF's own words, without the '{{function_node ...}}' and '[Op:...]'."""
+  text = re.sub(r"\{\{.*?\}\}", "", error.message or "")
+  text = re.sub(r"\[Op:.*", "", text, flags=re.DOTALL)
+  # tf.debugging asserts append the compared values; the message says it.
+  text = re.sub(r"Condition x .*", "", text, flags=re.DOTALL)
+  return " ".join(text.split()) or type(error).__name__
+
+
+def _identity(path: str) -> list:
+  """[size, mtime in ns]: a changed file gets checked again."""
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return [-1, -1]
+  return [stat.st_size, stat.st_mtime_ns]
+
+
+def _load_cache(cache_file: str) -> dict:
+  """{path: [size, mtime_ns, reason]}; {} when missing, stale or unreadable."""
+  if not cache_file or not os.path.isfile(cache_file):
+    return {}
+  try:
+    with open(cache_file) as f:
+      content = json.load(f)
+  except (OSError, ValueError):
+    return {}  # A damaged cache only costs a re-check.
+  if content.get("version") != _CACHE_VERSION:
+    return {}
+  return content.get("files", {})
+
+
+def _save_cache(cache_file: str, files: dict) -> None:
+  """Writes atomically; a failure to write costs only a re-check next time."""
+  try:
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=os.path.dirname(cache_file),
+                                    prefix=".tmp-", suffix=".json")
+    with os.fdopen(handle, "w") as f:
+      json.dump({"version": _CACHE_VERSION, "files": files}, f)
+    os.replace(temp, cache_file)
+  except OSError as error:
+    logging.warning("Could not save the file check results to %s: %s",
+                    cache_file, error)

@@ -1,0 +1,449 @@
+"""Search stage (`--mode=tune`): KerasTuner over the unfreeze depth and the
+learning rates; writes best.cfg and tuning_report.json.
+
+A trial is exactly a training run: `FineTuneHyperModel.build` is
+`model.build_model`, and its `fit` runs both stages with `train.fit_stages`
+and `stages.TwoStageCallback`, as `train.run_training` does (stage head on
+cached features unless --nocache_features), on input pipelines made afresh
+and seeded the same way. A searched flag is a
+hyperparameter of the same name; every other flag stays at its value.
+
+Hyperband's budgets. Hyperband gives each trial E epochs. A trial of budget
+E trains the whole recipe compressed to E epochs: each stage gets its share
+of E in proportion to --head_epochs : --finetune_epochs, rounded half up,
+and both stages keep at least one epoch when E >= 2 (`split_budget`). With
+--head_epochs=3 --finetune_epochs=5, a 2-epoch bracket trains 1 + 1 epochs,
+a 4-epoch one 2 + 2, the full 8 epochs 3 + 5; a 1-epoch budget is one
+finetune epoch. Filling stage head first was rejected: any budget up to 3
+epochs would then never reach stage finetune, where the unfreeze depth and
+the fine-tuning rate act, and Hyperband would rank trials on noise.
+Hyperband's later rounds retrain a promising configuration from scratch
+with the bigger budget instead of continuing its parent's checkpoint, as
+KerasTuner does by default: the parent's compressed schedule is no prefix of
+the longer one (its head stage was shorter and it has fine-tuned already),
+and no weights have to travel between the machines of a distributed search.
+That costs about 1/--hyperband_factor more epochs. No trial keeps weights:
+best.cfg trains the winner.
+
+WORKDIR/tuner/ holds KerasTuner's project and search.json, the flags that
+define the search: a rerun with the same flags resumes, other flags are an
+error unless --overwrite_search (KerasTuner would silently keep the old
+search space, DESIGN.md trap 5).
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from typing import Dict, List, Optional, Tuple
+
+import keras
+import keras_tuner as kt
+
+from tf_finetune import config as config_lib
+from tf_finetune import data, distribute, report, stages
+from tf_finetune import model as model_lib
+from tf_finetune.config import Config, UserError
+from tf_finetune.train import fit_stages
+
+PROJECT = "tuner"
+DEFINITION_FILE = "search.json"
+REPORT_FILE = "tuning_report.json"
+BEST_CONFIG_FILE = "best.cfg"
+# Flags that do not change what a trial computes; a resumed search may
+# change them (e.g. more --max_trials, another --strategy).
+_RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
+                      "virtual_cpu_devices", "jit_compile", "export_dir",
+                      "top_k", "max_trials", "overwrite_search",
+                      "cache_memory_mb")
+_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def split_budget(budget: int, head_epochs: int,
+                 finetune_epochs: int) -> Tuple[int, int]:
+  """(head, finetune) epochs of a trial of `budget` epochs: the module
+  docstring says how and why."""
+  if finetune_epochs == 0:
+    return budget, 0
+  if head_epochs == 0 or budget == 1:
+    return 0, budget
+  share = head_epochs / (head_epochs + finetune_epochs)
+  head = min(max(math.floor(budget * share + 0.5), 1), budget - 1)
+  return head, budget - head
+
+
+def budget_of(values: Dict, config: Config) -> int:
+  """Epochs of a trial: Hyperband's `tuner/epochs`, else the whole run."""
+  return int(values.get("tuner/epochs", config.total_epochs))
+
+
+class FineTuneHyperModel(kt.HyperModel):
+  """The two-stage fine-tuning run as a KerasTuner HyperModel; `build_fn` is
+  `model.build_model` or a stand-in with its signature (tests)."""
+
+  def __init__(self, config: Config, num_classes: int,
+               build_fn=model_lib.build_model):
+    super().__init__(name="tf_finetune")
+    self.config = config
+    self.num_classes = num_classes
+    self.build_fn = build_fn
+
+  def declare_hyperparameters(self, hp: kt.HyperParameters) -> None:
+    for name, (low, high) in self.config.search_ranges().items():
+      cast, sampling = config_lib.SEARCHABLE[name][:2]
+      if low == high:
+        hp.Fixed(name, low)
+      elif cast is int:
+        hp.Int(name, low, high, sampling=sampling)
+      else:
+        hp.Float(name, low, high, sampling=sampling)
+
+  def trial_config(self, hp: kt.HyperParameters) -> Config:
+    """The training config of a trial: the flags with `hp`'s values."""
+    self.declare_hyperparameters(hp)
+    return dataclasses.replace(self.config, **{
+        name: hp.get(name) for name in self.config.search_ranges()})
+
+  def build(self, hp: kt.HyperParameters, execution: int = 0) -> keras.Model:
+    """`build_model` for the trial, seeded as a training run; execution i of
+    a trial starts from another initialisation (seed + i)."""
+    trial = self.trial_config(hp)
+    seed = trial.seed + execution
+    keras.utils.set_random_seed(seed)
+    return self.build_fn(self.num_classes, trial.image_size, trial.weights,
+                         trial.dropout, seed)
+
+  def fit(self, hp: kt.HyperParameters, model: keras.Model, *args,
+          callbacks=(), verbose=2, **kwargs) -> Dict[str, float]:
+    """Trains both stages (`train.fit_stages`); returns the last epoch's
+    metrics (what a training run reports) and the epochs run per stage."""
+    del args, kwargs  # Data comes from the config, as in a training run.
+    trial = self.trial_config(hp)
+    head, finetune = split_budget(budget_of(hp.values, trial),
+                                  trial.head_epochs, trial.finetune_epochs)
+    plan = stages.StagePlan.from_config(dataclasses.replace(
+        trial, head_epochs=head, finetune_epochs=finetune))
+    datasets = data.create_datasets(trial)
+    first_stage = plan.stage_at(0)
+    stages.apply_stage(model, plan, first_stage)
+    stage_callback = stages.TwoStageCallback(
+        plan, first_stage, datasets.num_examples["train"], trial.batch_size)
+    history = fit_stages(
+        model, stage_callback, datasets, trial,
+        [stage_callback, *self._early_stopping(plan), *callbacks],
+        verbose=verbose)
+    last = {name: values[-1] for name, values in history.history.items()}
+    ran = {record["name"]: len(record["history"].get("loss", []))
+           for record in stage_callback.stage_reports()}
+    return {**last, "epochs_run": sum(ran.values()),
+            "head_epochs_run": ran.get(stages.HEAD, 0),
+            "finetune_epochs_run": ran.get(stages.FINETUNE, 0)}
+
+  def _early_stopping(self, plan: stages.StagePlan) -> List:
+    # Watches stage finetune only: stopping in stage head would skip the
+    # stage the search is about.
+    if not self.config.early_stopping_patience:
+      return []
+    return [keras.callbacks.EarlyStopping(
+        monitor=self.config.objective, mode=objective_direction(self.config),
+        patience=self.config.early_stopping_patience,
+        start_from_epoch=plan.head_epochs)]
+
+
+class _UserErrorInTrial(kt.errors.FatalError):
+  """Carries a UserError out of the search. KerasTuner records any other
+  error as a failed trial and goes on, but bad input fails every trial."""
+
+
+class FineTuneTuner(kt.Tuner):
+  """A KerasTuner Tuner whose trials are `FineTuneHyperModel` runs.
+
+  Overrides `run_trial` (KerasTuner's documented hook) to leave out what a
+  trial here does not need: the per-epoch best-weights checkpoint (95 MB of
+  ResNet50 per trial, never read: see the module docstring) and Hyperband's
+  continuation from a parent's checkpoint.
+  """
+
+  def __init__(self, oracle, hypermodel, log_dir: str, **kwargs):
+    self.log_dir = log_dir
+    super().__init__(oracle, hypermodel, **kwargs)
+
+  def _populate_initial_space(self):
+    # The space has no conditional parameters, so declaring it is enough.
+    # KerasTuner's default builds a model to find conditions: a whole
+    # ResNet50 before the search starts, on the chief too.
+    hp = self.oracle.get_space()
+    self.hypermodel.declare_hyperparameters(hp)
+    self.oracle.update_space(hp)
+
+  def run_trial(self, trial, *args, **kwargs) -> List[Dict[str, float]]:
+    hp = trial.hyperparameters
+    print(f"tf_finetune: trial {trial.trial_id} on {self.tuner_id}: "
+          f"{describe_values(hp.values)}", flush=True)
+    results = []
+    for execution in range(self.executions_per_trial):
+      started = time.perf_counter()
+      callbacks = [keras.callbacks.TensorBoard(self.log_dir, write_graph=False)]
+      # Per-trial log folder plus TensorBoard's HParams dashboard.
+      self._configure_tensorboard_dir(callbacks, trial, execution)
+      try:
+        keras.backend.clear_session()
+        with self.distribution_strategy.scope():
+          model = self.hypermodel.build(hp, execution)
+        result = self.hypermodel.fit(hp, model, callbacks=callbacks)
+      except UserError as e:
+        raise _UserErrorInTrial(str(e)) from e
+      results.append({**result, "seconds": time.perf_counter() - started})
+    return results  # KerasTuner averages the executions.
+
+
+def describe_values(values: Dict) -> str:
+  """'unfreeze_blocks=2, finetune_learning_rate=3e-05, tuner/epochs=4'."""
+  return ", ".join(f"{name}={value:.3g}" if isinstance(value, float)
+                   else f"{name}={value}" for name, value in values.items()
+                   if not name.startswith("tuner/") or name == "tuner/epochs")
+
+
+def objective_direction(config: Config) -> str:
+  return "min" if config.objective.endswith("loss") else "max"
+
+
+def create_tuner(config: Config, hypermodel: FineTuneHyperModel,
+                 strategy) -> FineTuneTuner:
+  """The tuner of `--tuner`, its state in WORKDIR/tuner/."""
+  common = dict(
+      objective=kt.Objective(config.objective, objective_direction(config)),
+      seed=config.seed + 1)  # KerasTuner takes seed 0 for "no seed".
+  if config.tuner == "hyperband":
+    oracle = kt.oracles.HyperbandOracle(
+        max_epochs=config.max_epochs or config.total_epochs,
+        factor=config.hyperband_factor, **common)
+    # HyperbandOracle takes no max_trials; the base Oracle honours it.
+    oracle.max_trials = config.max_trials
+  elif config.tuner == "bayesian":
+    oracle = kt.oracles.BayesianOptimizationOracle(
+        max_trials=config.max_trials, **common)
+  else:
+    oracle = kt.oracles.RandomSearchOracle(max_trials=config.max_trials,
+                                           **common)
+  return FineTuneTuner(
+      oracle, hypermodel,
+      log_dir=os.path.join(config.workdir, PROJECT, "logs"),
+      distribution_strategy=strategy, directory=config.workdir,
+      project_name=PROJECT, executions_per_trial=config.executions_per_trial)
+
+
+def distributed_role() -> str:
+  """'chief', 'worker' or '' (no distributed search), from KerasTuner's
+  environment variables; the chief's KERASTUNER_TUNER_ID contains 'chief'."""
+  if "KERASTUNER_ORACLE_IP" not in os.environ:
+    return ""
+  missing = [name for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
+             if name not in os.environ]
+  if missing:
+    raise UserError(f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)}"
+                    " not: every process of a distributed search needs all "
+                    "three (README, 'Searching on several machines').")
+  return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def check_tuner_available(name: str) -> None:
+  """KerasTuner's Bayesian oracle needs two packages it does not require."""
+  missing = [module for module in ("scipy", "sklearn") if name == "bayesian"
+             and importlib.util.find_spec(module) is None]
+  if missing:
+    raise UserError(
+        f"--tuner=bayesian: needs {' and '.join(missing)}, which are not "
+        "installed (pip install 'keras-tuner[bayesian]'); or use "
+        "--tuner=random or --tuner=hyperband.")
+
+
+def search_definition(config: Config) -> Dict:
+  """The flags a trial's result depends on, as JSON values."""
+  values = dataclasses.asdict(config)
+  for name in _RESUMABLE_CHANGES:
+    values.pop(name, None)
+  return json.loads(json.dumps(values))
+
+
+def prepare_project(config: Config) -> None:
+  """Checks WORKDIR/tuner/ against the flags, or clears it; records them."""
+  project = os.path.join(config.workdir, PROJECT)
+  path = os.path.join(project, DEFINITION_FILE)
+  definition = search_definition(config)
+  if config.overwrite_search and os.path.isdir(project):
+    shutil.rmtree(project)
+  elif os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)
+    changed = [f"--{name} was {stored.get(name)!r}, now "
+               f"{definition.get(name)!r}"
+               for name in sorted(set(stored) | set(definition))
+               if stored.get(name) != definition.get(name)]
+    if changed:
+      raise UserError(
+          f"{project} holds a search with other settings ("
+          + "; ".join(changed) + "). KerasTuner would silently go on with "
+          "the old search space. Rerun with the same flags to resume it, or "
+          "add --overwrite_search to discard it and start afresh.")
+    return
+  elif os.path.isdir(project) and os.listdir(project):
+    raise UserError(f"{project} holds files but no {DEFINITION_FILE}, so it "
+                    "is no search this program can resume; add "
+                    "--overwrite_search to discard it.")
+  report.write_json_atomic(path, definition)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes a temp file beside `path`, then renames it into place."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def run_search(config: Config,
+               build_fn=model_lib.build_model) -> Optional[Dict]:
+  """`--mode=tune`: searches, writes tuning_report.json and best.cfg and
+  returns the report; None on a worker (the chief writes the results)."""
+  role = distributed_role()
+  check_tuner_available(config.tuner)
+  if role != "worker":  # The chief owns the search state.
+    prepare_project(config)
+  strategy = distribute.create_strategy(config.strategy,
+                                        config.virtual_cpu_devices)
+  # Bad data fails before any trial; the chief runs none and needs none.
+  num_classes = (0 if role == "chief"
+                 else len(data.create_datasets(config).class_names))
+  tuner = create_tuner(config, FineTuneHyperModel(config, num_classes,
+                                                  build_fn), strategy)
+  if role == "chief":
+    # KerasTuner's stop after 3 failed trials in a row, raised in a gRPC
+    # call, kills the worker and stalls the chief (keras-tuner#915).
+    tuner.oracle.max_consecutive_failed_trials = math.inf
+  if role != "worker":
+    _print_resume_state(tuner.oracle)
+  try:
+    tuner.search(verbose=2)
+  except _UserErrorInTrial as e:
+    raise e.__cause__ from None
+  except RuntimeError as e:
+    if "consecutive failures" not in str(e) or role == "worker":
+      raise
+    result = write_results(config, tuner.oracle)
+    raise UserError(
+        f"The search stopped after {tuner.oracle.max_consecutive_failed_trials}"
+        f" failed trials in a row, the last with: {_last_line(str(e))}. Every "
+        f"trial's outcome is in {result['report_path']}.") from e
+  result = None if role == "worker" else write_results(config, tuner.oracle)
+  if result and result["best_config"] is None:
+    raise UserError(f"No trial completed, so there is no {BEST_CONFIG_FILE}; "
+                    f"each trial's error is in {result['report_path']}.")
+  return result
+
+
+def _print_resume_state(oracle) -> None:
+  done = sum(t.status in ("COMPLETED", "FAILED") for t in oracle.trials.values())
+  if oracle.trials:
+    print(f"tf_finetune: resuming the search: {done} finished trial(s) kept, "
+          f"{len(oracle.trials) - done} interrupted one(s) to run again.")
+
+
+def _last_line(text: Optional[str]) -> Optional[str]:
+  lines = (text or "").strip().splitlines()
+  return lines[-1][:500] if lines else None
+
+
+def describe_trial(trial, config: Config) -> Dict:
+  """One trial of tuning_report.json."""
+  values = trial.hyperparameters.values
+  metrics = trial.metrics
+
+  def last(name):
+    return (float(metrics.get_last_value(name)) if metrics.exists(name)
+            else None)
+
+  seconds = last("seconds")  # Mean over the executions, like all metrics.
+  return {
+      "trial_id": trial.trial_id,
+      "status": trial.status,
+      "hyperparameters": {name: values[name] for name in
+                          config.search_ranges() if name in values},
+      "score": None if trial.score is None else float(trial.score),
+      "epochs": {"budget": budget_of(values, config),
+                 "run": last("epochs_run"), "head": last("head_epochs_run"),
+                 "finetune": last("finetune_epochs_run")},
+      "seconds": (None if seconds is None
+                  else seconds * config.executions_per_trial),
+      "metrics": {name: last(name) for name in _METRICS},
+      "error": _last_line(trial.message),
+  }
+
+
+def write_results(config: Config, oracle) -> Dict:
+  """Writes tuning_report.json, and best.cfg when a trial completed;
+  returns the report (`best_config` None when none did)."""
+  trials = sorted(oracle.trials.values(), key=lambda t: int(t.trial_id))
+  best = [t for t in oracle.get_best_trials(1) if t.status == "COMPLETED"]
+  best_path = os.path.join(config.workdir, BEST_CONFIG_FILE)
+  result = {
+      "tuner": config.tuner,
+      "objective": {"name": config.objective,
+                    "direction": objective_direction(config)},
+      "search_space": {name: list(bounds) for name, bounds
+                       in config.search_ranges().items()},
+      "best_trial": best[0].trial_id if best else None,
+      "best_config": best_path if best else None,
+      "trials": [describe_trial(t, config) for t in trials],
+  }
+  result["report_path"] = os.path.join(config.workdir, REPORT_FILE)
+  report.write_json_atomic(result["report_path"], result)
+  if best:
+    write_text_atomic(best_path, best_flagfile(config, best[0]))
+  return result
+
+
+def best_flagfile(config: Config, trial) -> str:
+  """best.cfg: the training flags with the best trial's values."""
+  values = trial.hyperparameters.values
+  best = dataclasses.replace(
+      config, mode="train", overwrite_search=False,
+      **{name: values[name] for name in config.search_ranges()},
+      **{f"search_{name}": "" for name in config_lib.SEARCHABLE})
+  header = (f"# Best of the {config.tuner} search in {config.workdir}: trial "
+            f"{trial.trial_id}, {config.objective} {trial.score:.4f}.\n"
+            f"# Train it: python -m tf_finetune.main --flagfile="
+            f"{os.path.join(config.workdir, BEST_CONFIG_FILE)}\n")
+  return header + config_lib.to_flagfile(best)
+
+
+def format_summary(result: Dict) -> str:
+  """The table printed at the end of a search, best trial marked '*'."""
+  names = list(result["search_space"])
+  objective = result["objective"]["name"]
+  header = ["trial", "status", *names, "epochs", "seconds", objective]
+  rows = [header]
+  for trial in result["trials"]:
+    values = trial["hyperparameters"]
+    run = trial["epochs"]["run"]
+    rows.append([
+        ("*" if trial["trial_id"] == result["best_trial"] else " ")
+        + trial["trial_id"], trial["status"],
+        *(_format(values.get(name)) for name in names),
+        f"{_format(run)}/{trial['epochs']['budget']}",
+        _format(trial["seconds"], "{:.0f}"),
+        _format(trial["score"], "{:.4f}")])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+           .rstrip() for row in rows]
+  lines.append("* best trial; epochs: run/budget; seconds: all executions")
+  return "\n".join(lines)
+
+
+def _format(value, pattern: str = "{:.3g}") -> str:
+  if not isinstance(value, float):
+    return "-" if value is None else str(value)
+  whole = value.is_integer() and pattern == "{:.3g}"
+  return str(int(value)) if whole else pattern.format(value)
