@@ -122,7 +122,6 @@ def two_stage_runs(tmp_path_factory):
       seen[epoch] = (self.model.name, _head_weights(cached))
 
     def on_epoch_end(self, epoch, logs=None):
-      # The weights of the model being fit (the head model in stage head).
       trained[epoch] = [w.numpy().copy() for w in self.model.layers[-1].weights]
 
   csv = str(tmp_path_factory.mktemp("logs") / "training.csv")
@@ -138,8 +137,7 @@ def two_stage_runs(tmp_path_factory):
 def test_stage_head_on_cached_features_trains_as_on_images(two_stage_runs):
   runs = two_stage_runs
   # What stage finetune starts from is what stage head trained.
-  model_name, at_finetune = runs["seen"][2]
-  assert model_name == "classifier_model"  # Stage finetune: the full model.
+  _, at_finetune = runs["seen"][2]
   for cached, uncached, initial in zip(at_finetune, runs["uncached"],
                                        runs["initial"]):
     np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-6)
@@ -148,7 +146,9 @@ def test_stage_head_on_cached_features_trains_as_on_images(two_stage_runs):
 
 def test_head_weights_are_carried_into_stage_finetune(two_stage_runs):
   runs = two_stage_runs
-  assert runs["seen"][0][0] == "head_on_features"
+  # Callbacks see the full model in both stages, though stage head fits the
+  # head model.
+  assert {name for name, _ in runs["seen"].values()} == {"classifier_model"}
   _, at_finetune = runs["seen"][2]
   for start, end_of_head, initial in zip(at_finetune, runs["trained"][1],
                                          runs["initial"]):

@@ -120,6 +120,7 @@ class CachedHeadStage:
           callbacks: Sequence[keras.callbacks.Callback]):
     """Like `model.fit(train.skip(skip_batches), initial_epoch=...,
     epochs=...)` in stage head, on cached features; returns the History.
+    The callbacks see `model`, not the head model that is fit.
 
     A fit that skips batches (finishing an interrupted epoch) must be one
     epoch long, as in `checkpoints.fit_segments`.
@@ -135,12 +136,22 @@ class CachedHeadStage:
     else:
       train, steps = training_dataset(self.views, initial_epoch, batch_size,
                                       self.settings.seed)
-    return self.head.fit(
+    # The callbacks see the full model, as in stage finetune: the head model
+    # shares its layers and optimizer, so weights, learning rate and
+    # checkpoints read the same through either, but a callback reading the
+    # backbone, or saving the model, needs the full one.
+    history = keras.callbacks.History()
+    self.head.history = history  # What `fit` returns; History sets `model`'s.
+    callback_list = keras.callbacks.CallbackList(
+        [*callbacks, history], add_progbar=self.verbose != 0,
+        model=self.model, verbose=self.verbose, epochs=epochs, steps=steps)
+    self.head.fit(
         train, steps_per_epoch=steps, epochs=epochs,
         initial_epoch=initial_epoch,
         validation_data=(self.val.dataset().batch(batch_size)
                          if self.val else None),
-        callbacks=callbacks, verbose=self.verbose)
+        callbacks=callback_list, verbose=self.verbose)
+    return history
 
   def _compute(self) -> None:
     """Runs the backbone over the views and the validation images once."""

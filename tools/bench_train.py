@@ -7,7 +7,8 @@ Runs the same fine-tuning job twice, on the same data, in one invocation:
             unfreeze the top blocks (BatchNorm kept frozen), recompile at the
             low learning rate, fit on. float32, no XLA, no feature caching.
   package   `train.run_training` with this package's defaults
-            (--jit_compile, --mixed_precision and --cache_features on auto).
+            (--jit_compile and --mixed_precision on auto, stage head on
+            cached features of the un-augmented images).
 
 Same model (`model.build_model`, same seed), same tf.data input
 (`data.create_datasets`), same learning rates, epochs and unfrozen blocks.
@@ -53,10 +54,12 @@ flags.DEFINE_float("head_learning_rate", _D.head_learning_rate, "Stage head.")
 flags.DEFINE_float("finetune_learning_rate", 1e-4, "Stage finetune.")
 flags.DEFINE_integer("unfreeze_blocks", _D.unfreeze_blocks, "Top blocks.")
 flags.DEFINE_string("weights", "none", "imagenet | none | PATH.")
-flags.DEFINE_string("augment", "none", "Augmentations of both variants.")
+flags.DEFINE_string("augment", ",".join(_D.augment),
+                    "Augmentations of both variants (the package's default).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of both variants.")
-for _name in ("jit_compile", "mixed_precision", "cache_features"):
+for _name in ("jit_compile", "mixed_precision"):
   flags.DEFINE_string(_name, getattr(_D, _name), "Package variant only.")
+flags.DEFINE_bool("cache_features", _D.cache_features, "Package only.")
 flags.DEFINE_integer("feature_views", _D.feature_views, "Package only.")
 flags.DEFINE_integer("cache_memory_mb", _D.cache_memory_mb, "Package only.")
 flags.DEFINE_integer("repeats", 1, "Runs of each variant, in the order "
