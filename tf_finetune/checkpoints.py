@@ -34,7 +34,7 @@ import os
 import shutil
 import signal
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
@@ -296,14 +296,21 @@ class Checkpointer(keras.callbacks.Callback):
     model: the model to save; None: the model being fit. Stage head on
       cached features fits a head model that shares the full model's layers
       and optimizer (features.py); the checkpoint must hold the full model.
+    unsaved_epochs: epochs whose end writes no checkpoint (SIGTERM and
+      --save_every_steps still do). Stage head on cached features passes all
+      its epochs but the last: each takes less time than writing the whole
+      model (~95 MB for ResNet50), and a resumed run recomputes the features
+      anyway.
   """
 
   def __init__(self, workdir: str, config: Config,
                stage_callback: stages.TwoStageCallback, steps_per_epoch: int,
                start: Optional[TrainingState] = None,
-               model: Optional[keras.Model] = None):
+               model: Optional[keras.Model] = None,
+               unsaved_epochs: Sequence[int] = ()):
     super().__init__()
     self._saved_model = model
+    self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
     self.folder = checkpoint_dir(workdir)
     self.fingerprint = fingerprint(config)
@@ -342,7 +349,8 @@ class Checkpointer(keras.callbacks.Callback):
       self.save(self._epoch, step)
 
   def on_epoch_end(self, epoch, logs=None):
-    self.save(epoch + 1, 0)
+    if self._sigterm or epoch not in self.unsaved_epochs:
+      self.save(epoch + 1, 0)
     if self._sigterm:
       self._raise_preempted(epoch + 1, 0)
 

@@ -130,9 +130,12 @@ class CachedHeadStage:
     batch_size = self.settings.batch_size
     if skip_batches:
       assert epochs == initial_epoch + 1, "a partial epoch is fitted alone"
-      view = self.views[initial_epoch % len(self.views)]
-      train, steps = shuffled_batches(view, batch_size, self.settings.seed
-                                      ).skip(skip_batches), None
+      index = initial_epoch % len(self.views)
+      # Seeded as in `training_dataset`: the same order as the interrupted
+      # epoch had, when it was its view's first pass.
+      train, steps = shuffled_batches(
+          self.views[index], batch_size, self.settings.seed + index
+      ).skip(skip_batches), None
     else:
       train, steps = training_dataset(self.views, initial_epoch, batch_size,
                                       self.settings.seed)

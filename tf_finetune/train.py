@@ -114,7 +114,9 @@ def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
   checkpointer = checkpoints.Checkpointer(
       config.workdir, config, stage_callback,
       checkpoints.count_steps(datasets.num_examples["train"],
-                              config.batch_size), resume, model=model)
+                              config.batch_size), resume, model=model,
+      unsaved_epochs=range(config.head_epochs - 1)
+      if config.caches_features else ())
   # The checkpointer comes last: it saves once the other callbacks, the
   # CSV log included, have seen the epoch.
   callbacks = [stage_callback,

@@ -37,11 +37,13 @@ import json
 import math
 import os
 import shutil
+import contextlib
 import time
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import keras_tuner as kt
+from tensorboard.plugins.hparams import api as hparams_api
 
 from tf_finetune import config as config_lib
 from tf_finetune import data, distribute, report, stages
@@ -189,15 +191,40 @@ class FineTuneTuner(kt.Tuner):
       callbacks = [keras.callbacks.TensorBoard(self.log_dir, write_graph=False)]
       # Per-trial log folder plus TensorBoard's HParams dashboard.
       self._configure_tensorboard_dir(callbacks, trial, execution)
+      per_fit, per_trial = split_hparams_callbacks(callbacks)
       try:
         keras.backend.clear_session()
         with self.distribution_strategy.scope():
           model = self.hypermodel.build(hp, execution)
-        result = self.hypermodel.fit(hp, model, callbacks=callbacks)
+        with once_around_fits(per_trial, model):
+          result = self.hypermodel.fit(hp, model, callbacks=per_fit)
       except UserError as e:
         raise _UserErrorInTrial(str(e)) from e
       results.append({**result, "seconds": time.perf_counter() - started})
     return results  # KerasTuner averages the executions.
+
+
+def split_hparams_callbacks(callbacks: List) -> Tuple[List, List]:
+  """(callbacks for every fit, TensorBoard HParams callbacks).
+
+  A trial is two fits when stage head trains on cached features, but the
+  HParams callback that `_configure_tensorboard_dir` adds raises "hparams
+  Keras callback cannot be reused across training sessions" at a second
+  `on_train_begin`: it must see the trial once (`once_around_fits`).
+  """
+  per_trial = [c for c in callbacks if isinstance(c, hparams_api.KerasCallback)]
+  return [c for c in callbacks if c not in per_trial], per_trial
+
+
+@contextlib.contextmanager
+def once_around_fits(callbacks: List, model: keras.Model):
+  """Runs `callbacks`' train begin and end once, around all of a trial's fits."""
+  for callback in callbacks:
+    callback.set_model(model)
+    callback.on_train_begin()
+  yield
+  for callback in callbacks:
+    callback.on_train_end()
 
 
 def describe_values(values: Dict) -> str:
