@@ -129,7 +129,8 @@ class CachedHeadStage:
       self._compute()
     batch_size = self.settings.batch_size
     if skip_batches:
-      assert epochs == initial_epoch + 1, "a partial epoch is fitted alone"
+      if epochs != initial_epoch + 1:
+        raise ValueError("An epoch that skips batches is fitted alone.")
       index = initial_epoch % len(self.views)
       # Seeded as in `training_dataset`: the same order as the interrupted
       # epoch had, when it was its view's first pass.
