@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, data, report
 from tf_finetune import stages, train
 
@@ -460,18 +461,8 @@ def backbone_values(backbone):
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
   """A local backbone file with non-trivial BatchNorm statistics."""
-  keras.utils.set_random_seed(1)
-  source = keras.applications.ResNet50(include_top=False, weights=None,
-                                       input_shape=(SIZE, SIZE, 3))
-  rng = np.random.default_rng(1)
-  for layer in source.layers:
-    if isinstance(layer, keras.layers.BatchNormalization):
-      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, layer.moving_mean.shape))
-      layer.moving_variance.assign(
-          rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-  path = str(tmp_path_factory.mktemp("weights") / "resnet50.weights.h5")
-  source.save_weights(path)
-  return path, backbone_values(source)
+  path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
+  return str(path), write_backbone_weights(path, SIZE, seed=1)
 
 
 def write_images(root):
