@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,3 +42,21 @@ def smoke_flags(smoke_run):
   workdir, data_dir = smoke_run
   return ("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
           f"--data_dir={data_dir}")
+
+
+def write_backbone_weights(path, image_size, seed):
+  """Writes a ResNet50 backbone weights file to `path` whose BatchNorm
+  statistics are not the trivial 0/1, so that 'bit-identical statistics'
+  checks mean something; returns {variable path: value} of the file."""
+  import keras  # Here: importing Keras is slow and most callers need none.
+  keras.utils.set_random_seed(seed)
+  source = keras.applications.ResNet50(include_top=False, weights=None,
+                                       input_shape=(image_size, image_size, 3))
+  rng = np.random.default_rng(seed)
+  for layer in source.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      shape = layer.moving_mean.shape
+      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, shape))
+      layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
+  source.save_weights(str(path))
+  return {v.path: v.numpy().copy() for v in source.weights}

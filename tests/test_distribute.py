@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import write_backbone_weights
 from tf_finetune import data, distribute
 from tf_finetune.config import RESNET50_BLOCKS, Config, UserError
 
@@ -165,21 +166,10 @@ def top_block_convolutions(keys):
 def inputs(tmp_path_factory):
   """The tiny dataset and a backbone weights file with non-trivial BatchNorm
   statistics, so 'bit-identical' checks mean something."""
-  import keras
   base = tmp_path_factory.mktemp("inputs")
-  keras.utils.set_random_seed(3)
-  backbone = keras.applications.ResNet50(include_top=False, weights=None,
-                                         input_shape=(SIZE, SIZE, 3))
-  rng = np.random.default_rng(3)
-  for layer in backbone.layers:
-    if isinstance(layer, keras.layers.BatchNormalization):
-      shape = layer.moving_mean.shape
-      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, shape))
-      layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
-  weights = str(base / "resnet50.weights.h5")
-  backbone.save_weights(weights)
-  loaded = {v.path: v.numpy() for v in backbone.weights}
-  return write_dataset(str(base / "images")), weights, loaded
+  weights = base / "resnet50.weights.h5"
+  loaded = write_backbone_weights(weights, SIZE, seed=3)
+  return write_dataset(str(base / "images")), str(weights), loaded
 
 
 @pytest.fixture(scope="module")

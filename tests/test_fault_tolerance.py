@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, data, report
 from tf_finetune import stages, train
 
@@ -42,8 +43,10 @@ def build_tiny_model():
   x = keras.layers.Dense(8, activation="relu", name="conv5_block3_1_conv")(x)
   backbone = keras.Model(inputs, x, name="backbone")
   outer = keras.Input((6,))
+  # "pool": what stage head on cached features caches (model.FEATURES_NAME).
+  features = keras.layers.Identity(name="pool")(backbone(outer))
   outputs = keras.layers.Dense(3, activation="softmax", name="classifier")(
-      backbone(outer))
+      features)
   return keras.Model(outer, outputs)
 
 
@@ -111,16 +114,55 @@ def run_tiny(config, extra=(), resume=None):
   return model, callback
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  config = tiny_config(tmp_path_factory.mktemp("straight"))
+@pytest.fixture(scope="module", params=[True, False],
+                ids=["head_on_cached_features", "head_on_images"])
+def uninterrupted(request, tmp_path_factory):
+  """(weights, stage reports, --cache_features) of a run never stopped."""
+  config = tiny_config(tmp_path_factory.mktemp("straight"),
+                       cache_features=request.param)
   model, callback = run_tiny(config)
-  return [v.numpy() for v in model.weights], callback.stage_reports()
+  return ([v.numpy() for v in model.weights], callback.stage_reports(),
+          request.param)
+
+
+def test_resume_mid_head_epoch_trains_as_if_never_stopped(tmp_path,
+                                                          uninterrupted):
+  weights, _, cached = uninterrupted
+  config = tiny_config(tmp_path, cache_features=cached)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [CrashAt(epoch=0, step=2)])
+  state = checkpoints.check_workdir(config)
+  assert (state.epoch, state.step, state.stage) == (0, 2, "head")
+  steps = CountSteps()
+  model, callback = run_tiny(config, [steps], resume=state)
+  assert steps.steps == {0: TINY_STEPS - 2, 1: TINY_STEPS, 2: TINY_STEPS}
+  for expected, actual in zip(weights, model.weights):
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
+  head = callback.stage_reports()[0]
+  assert head["input"] == ("cached_features" if cached else "images")
+
+
+@pytest.mark.parametrize("cached, saved_after_epoch_0", [(True, False),
+                                                          (False, True)])
+def test_cached_head_epochs_are_checkpointed_at_the_stage_end(
+    tmp_path, cached, saved_after_epoch_0):
+  """A head epoch on cached features takes less than writing the model:
+  only the end of stage head is checkpointed, not its other epochs."""
+  config = tiny_config(tmp_path, head_epochs=2, save_every_steps=0,
+                       cache_features=cached)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [CrashAt(epoch=1, step=0)])
+  state = checkpoints.check_workdir(config)
+  assert (state is not None) == saved_after_epoch_0
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [CrashAt(epoch=2, step=0)], resume=state)
+  state = checkpoints.check_workdir(config)
+  assert (state.epoch, state.step, state.stage) == (2, 0, "head")
 
 
 def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
     tmp_path, uninterrupted):
-  config = tiny_config(tmp_path)
+  config = tiny_config(tmp_path, cache_features=uninterrupted[2])
   crash = CrashAt(epoch=1, step=2)  # stage "finetune", after its step 2
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(config, [crash])
@@ -146,7 +188,7 @@ def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
   train.fit_remaining(model, tiny_datasets(), config, callback, state, [steps])
   # Only what was left: the rest of epoch 1, then epoch 2.
   assert steps.steps == {1: TINY_STEPS - 2, 2: TINY_STEPS}
-  straight_weights, straight_reports = uninterrupted
+  straight_weights, straight_reports, _ = uninterrupted
   for expected, actual in zip(straight_weights, model.weights):
     np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
   reports = callback.stage_reports()
@@ -161,12 +203,20 @@ def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
 
 
 class CrashAtEnd(keras.callbacks.Callback):
+  """Crashes at the end of the fit that ran the last of 3 epochs (stage head
+  on cached features is a fit of its own)."""
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.last_epoch = epoch
+
   def on_train_end(self, logs=None):
-    raise RuntimeError("simulated crash after the last epoch")
+    if self.last_epoch == 2:
+      raise RuntimeError("simulated crash after the last epoch")
 
 
 def test_resume_after_the_last_epoch_trains_nothing(tmp_path, uninterrupted):
-  config = tiny_config(tmp_path, save_every_steps=0)
+  config = tiny_config(tmp_path, save_every_steps=0,
+                       cache_features=uninterrupted[2])
   with pytest.raises(RuntimeError, match="after the last epoch"):
     run_tiny(config, [CrashAtEnd()])
   state = checkpoints.check_workdir(config)
@@ -220,8 +270,8 @@ def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):
     run_tiny(config, [CrashAt(epoch=0, step=2)])
   assert checkpoints.check_workdir(config).step == 2
   # Speed and location flags may change on resume...
-  same_run = tiny_config(tmp_path, jit_compile=True, save_every_steps=0,
-                         strategy="one_device", top_k=1)
+  same_run = tiny_config(tmp_path, jit_compile="true", save_every_steps=0,
+                         strategy="one_device", top_k=1, cache_memory_mb=1)
   assert checkpoints.check_workdir(same_run).step == 2
   # ...flags that change what is trained may not.
   other = tiny_config(tmp_path, finetune_learning_rate=1e-4, unfreeze_blocks=2)
@@ -411,18 +461,8 @@ def backbone_values(backbone):
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
   """A local backbone file with non-trivial BatchNorm statistics."""
-  keras.utils.set_random_seed(1)
-  source = keras.applications.ResNet50(include_top=False, weights=None,
-                                       input_shape=(SIZE, SIZE, 3))
-  rng = np.random.default_rng(1)
-  for layer in source.layers:
-    if isinstance(layer, keras.layers.BatchNormalization):
-      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, layer.moving_mean.shape))
-      layer.moving_variance.assign(
-          rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-  path = str(tmp_path_factory.mktemp("weights") / "resnet50.weights.h5")
-  source.save_weights(path)
-  return path, backbone_values(source)
+  path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
+  return str(path), write_backbone_weights(path, SIZE, seed=1)
 
 
 def write_images(root):

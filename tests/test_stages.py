@@ -5,6 +5,7 @@ import keras
 import pytest
 import tensorflow as tf
 
+from conftest import write_backbone_weights
 from tf_finetune import model as model_lib
 from tf_finetune import stages
 from tf_finetune.config import RESNET50_BLOCKS
@@ -21,20 +22,9 @@ def _values(layer):
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-  """A backbone file whose BatchNorm statistics are not the trivial 0/1,
-  so 'bit-identical statistics' is a real check."""
-  keras.utils.set_random_seed(1)
-  source = keras.applications.ResNet50(include_top=False, weights=None,
-                                       input_shape=(SIZE, SIZE, 3))
-  rng = np.random.default_rng(1)
-  for layer in source.layers:
-    if isinstance(layer, keras.layers.BatchNormalization):
-      shape = layer.moving_mean.shape
-      layer.moving_mean.assign(rng.uniform(-0.1, 0.1, shape))
-      layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
-  path = str(tmp_path_factory.mktemp("weights") / "resnet50.weights.h5")
-  source.save_weights(path)
-  return path, _values(source)
+  """A backbone file with non-trivial BatchNorm statistics."""
+  path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
+  return str(path), write_backbone_weights(path, SIZE, seed=1)
 
 
 @pytest.fixture(scope="module")

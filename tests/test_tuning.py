@@ -46,7 +46,7 @@ def tiny_build(num_classes, image_size, weights, dropout, seed):
   backbone = keras.Model(images, features, name=model_lib.BACKBONE_NAME)
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
   x = backbone(model_lib.ImageNetPreprocess()(inputs))
-  x = keras.layers.GlobalAveragePooling2D()(x)
+  x = keras.layers.GlobalAveragePooling2D(name=model_lib.FEATURES_NAME)(x)
   x = keras.layers.Dropout(dropout, seed=seed)(x)
   outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
   return keras.Model(inputs, outputs)

@@ -34,7 +34,7 @@ import os
 import shutil
 import signal
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
@@ -52,7 +52,8 @@ _TEMP_PREFIX = ".tmp-"
 # part of the fingerprint, so a flag added later is protected by default.
 RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                      "virtual_cpu_devices", "jit_compile", "export_dir",
-                     "top_k", "save_every_steps", "fresh")
+                     "top_k", "save_every_steps", "fresh",
+                     "cache_memory_mb")
 
 
 class TrainingDiverged(UserError):
@@ -198,19 +199,24 @@ class FitSegment:
   skip_batches: int
 
 
-def fit_segments(state: Optional[TrainingState],
-                 total_epochs: int) -> List[FitSegment]:
+def fit_segments(state: Optional[TrainingState], total_epochs: int,
+                 split_at: int = 0) -> List[FitSegment]:
   """The fits that train what is left after `state`.
 
   Keras runs every epoch of one `fit` over the whole dataset, so an epoch
   interrupted at step S is finished by a fit of its own over the dataset
   without its first S batches; the remaining epochs follow in a second fit.
+  A fit that would run across epoch `split_at` (> 0) is split there: stage
+  head on cached features and stage finetune on images are different fits.
   """
   epoch, step = (state.epoch, state.step) if state else (0, 0)
   segments = []
   if step > 0 and epoch < total_epochs:
     segments.append(FitSegment(epoch, epoch + 1, step))
     epoch += 1
+  if 0 < split_at < total_epochs and epoch < split_at:
+    segments.append(FitSegment(epoch, split_at, 0))
+    epoch = split_at
   if epoch < total_epochs:
     segments.append(FitSegment(epoch, total_epochs, 0))
   return segments
@@ -287,12 +293,24 @@ class Checkpointer(keras.callbacks.Callback):
     stage_callback: whose records go into each checkpoint.
     steps_per_epoch: training batches per epoch.
     start: the state being resumed from, or None.
+    model: the model to save; None: the model being fit. Stage head on
+      cached features fits a head model that shares the full model's layers
+      and optimizer (features.py); the checkpoint must hold the full model.
+    unsaved_epochs: epochs whose end writes no checkpoint (SIGTERM and
+      --save_every_steps still do). Stage head on cached features passes all
+      its epochs but the last: each takes less time than writing the whole
+      model (~95 MB for ResNet50), and a resumed run recomputes the features
+      anyway.
   """
 
   def __init__(self, workdir: str, config: Config,
                stage_callback: stages.TwoStageCallback, steps_per_epoch: int,
-               start: Optional[TrainingState] = None):
+               start: Optional[TrainingState] = None,
+               model: Optional[keras.Model] = None,
+               unsaved_epochs: Sequence[int] = ()):
     super().__init__()
+    self._saved_model = model
+    self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
     self.folder = checkpoint_dir(workdir)
     self.fingerprint = fingerprint(config)
@@ -304,6 +322,10 @@ class Checkpointer(keras.callbacks.Callback):
     self._offset = 0
     self._epoch = start.epoch if start else 0
     self._sigterm = False
+
+  def set_model(self, model):
+    super().set_model(model if self._saved_model is None
+                      else self._saved_model)
 
   def catch_sigterm(self):
     """Context manager: SIGTERM means "checkpoint and stop" while inside."""
@@ -327,7 +349,8 @@ class Checkpointer(keras.callbacks.Callback):
       self.save(self._epoch, step)
 
   def on_epoch_end(self, epoch, logs=None):
-    self.save(epoch + 1, 0)
+    if self._sigterm or epoch not in self.unsaved_epochs:
+      self.save(epoch + 1, 0)
     if self._sigterm:
       self._raise_preempted(epoch + 1, 0)
 

@@ -34,6 +34,10 @@ SEARCHABLE = {
     "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
 }
+# Speed switches (issue 8). "auto" is resolved per machine in speed.py.
+JIT_COMPILE_CHOICES = ("auto", "true", "false")
+MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
+                           "mixed_bfloat16")
 
 
 class UserError(Exception):
@@ -72,7 +76,7 @@ class Config:
   augment: Tuple[str, ...] = ("flip", "rotation", "zoom")
   strategy: str = "auto"
   virtual_cpu_devices: int = 0
-  jit_compile: bool = False
+  jit_compile: str = "auto"
   seed: int = 42
   export_dir: str = ""
   top_k: int = 5
@@ -93,6 +97,10 @@ class Config:
   early_stopping_patience: int = 0  # 0: off.
   executions_per_trial: int = 1
   overwrite_search: bool = False
+  mixed_precision: str = "auto"
+  cache_features: bool = True
+  feature_views: int = 1  # 1: the un-augmented images.
+  cache_memory_mb: int = 1024
 
   @property
   def total_epochs(self) -> int:
@@ -145,6 +153,7 @@ class Config:
     self._check_inputs()
     self._validate_fault_tolerance()
     self._validate_search()
+    self._check_speed_switches()
     return self
 
   def _check_inputs(self) -> None:
@@ -197,6 +206,35 @@ class Config:
            "--mode=tune: nothing to search; set at least one of "
            + ", ".join(f"--search_{name}=MIN:MAX" for name in SEARCHABLE)
            + ".")
+
+
+  def _check_speed_switches(self) -> None:
+    """XLA, precision and stage-1 feature caching (issue 8)."""
+    for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
+                          ("mixed_precision", MIXED_PRECISION_CHOICES)):
+      value = getattr(self, name)
+      _check(value in choices, f"--{name}={value!r}: expected one of {choices}.")
+    _check(self.feature_views >= 1,
+           f"--feature_views={self.feature_views}: must be >= 1 (1: the "
+           "un-augmented images).")
+    _check(self.cache_memory_mb >= 0,
+           f"--cache_memory_mb={self.cache_memory_mb}: must be >= 0.")
+    if not self.caches_features or self.feature_views == 1:
+      return
+    _check(bool(self.augment),
+           f"--feature_views={self.feature_views} with --augment=none: "
+           "without augmentation every view is the same image; use "
+           "--feature_views=1.")
+    _check(self.feature_views <= self.head_epochs,
+           f"--feature_views={self.feature_views} exceeds --head_epochs="
+           f"{self.head_epochs}: head epoch e trains on view e mod K, so "
+           "views beyond the number of head epochs would be computed and "
+           "never used.")
+
+  @property
+  def caches_features(self) -> bool:
+    """Whether stage head trains on cached backbone features."""
+    return self.cache_features and self.head_epochs > 0
 
 
 def _check(condition: bool, message: str) -> None:

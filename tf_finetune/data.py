@@ -68,6 +68,9 @@ class Datasets:
       "val": 150, "test": 0}.
     skipped_files: [{"path": ..., "reason": ...}] for files that could not
       be used (folder sources only).
+    train_unaugmented: the training split like `val`: fixed order, not
+      augmented (stage head's cached features with --feature_views=1,
+      features.py); None when `train` itself is not augmented.
   """
   train: tf.data.Dataset
   val: tf.data.Dataset
@@ -75,6 +78,7 @@ class Datasets:
   class_names: list
   num_examples: dict
   skipped_files: list
+  train_unaugmented: Optional[tf.data.Dataset] = None
 
 
 def create_datasets(config: Config) -> Datasets:
@@ -165,17 +169,17 @@ def _folder_datasets(root: str, config: Config) -> Datasets:
   class_names, splits, skipped = folder_source.list_folder_splits(root, config)
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
 
-  def make(split: str) -> Optional[tf.data.Dataset]:
+  def make(split: str, training: bool) -> Optional[tf.data.Dataset]:
     if not splits[split]:
       return None
     return files_pipeline(splits[split], config, len(class_names),
-                          training=split == "train", augmenter=augmenter)
+                          training=training, augmenter=augmenter)
 
   return Datasets(
-      train=make("train"), val=make("val"), test=make("test"),
-      class_names=class_names,
+      train=make("train", True), val=make("val", False),
+      test=make("test", False), class_names=class_names,
       num_examples={split: len(splits[split]) for split in SPLITS},
-      skipped_files=skipped)
+      skipped_files=skipped, train_unaugmented=make("train", False))
 
 
 def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
@@ -236,20 +240,24 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
 
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}
-  for split, tfds_split in _tfds_split_names(builder.info, name,
-                                             config).items():
-    training = split == "train"
+
+  def make(tfds_split: str, training: bool) -> Tuple[tf.data.Dataset, int]:
     records = builder.as_dataset(
         split=tfds_split, shuffle_files=training, decoders=decoders,
         read_config=tfds.ReadConfig(shuffle_seed=config.seed))
-    counts[split] = _count(records, builder.info, tfds_split)
-    datasets[split] = _batches(records, load, counts[split], config, training,
-                               augmenter, num_classes)
+    count = _count(records, builder.info, tfds_split)
+    return _batches(records, load, count, config, training, augmenter,
+                    num_classes), count
+
+  split_names = _tfds_split_names(builder.info, name, config)
+  for split, tfds_split in split_names.items():
+    datasets[split], counts[split] = make(tfds_split, split == "train")
   return Datasets(
       train=datasets["train"], val=datasets["val"], test=datasets.get("test"),
       class_names=list(builder.info.features[label_key].names),
       num_examples={split: counts.get(split, 0) for split in SPLITS},
-      skipped_files=[])
+      skipped_files=[],
+      train_unaugmented=make(split_names["train"], False)[0])
 
 
 def _prepare_tfds_builder(tfds, name: str, version: Optional[str],

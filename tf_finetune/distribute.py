@@ -2,7 +2,7 @@
 
 `--strategy` (with `TF_CONFIG` for several machines):
 
-  one_device    the first GPU, else the CPU.
+  one_device    the first GPU, else the CPU (TensorFlow's default strategy).
   mirrored      every local GPU (or the `--virtual_cpu_devices` CPU devices),
                 one replica each, gradients all-reduced in-process.
   multi_worker  `MultiWorkerMirroredStrategy` over the cluster that the
@@ -175,7 +175,11 @@ def _create_local_strategy(name: str):
         d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
   if name == "one_device":
-    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    # TensorFlow's default strategy: ops go to the first GPU, else the CPU,
+    # and Keras takes its plain `fit` path. Under OneDeviceStrategy("/cpu:0")
+    # a finetune epoch of ResNet50 at 64 px took 1.6-2x as long on this CPU
+    # (BUILD_NOTES.md, "Speed switches").
+    return tf.distribute.get_strategy()
   raise UserError(f"--strategy={name!r}: not supported.")
 
 
@@ -218,8 +222,8 @@ def check_batch_split(strategy, batch_size: int,
   replica.
   """
   replicas = strategy.num_replicas_in_sync
-  devices = strategy.extended.worker_devices
-  if replicas < 2 or any("GPU" in d.upper() for d in devices):
+  if replicas < 2 or any("GPU" in d.upper()
+                         for d in strategy.extended.worker_devices):
     return
   fix = ("choose a --batch_size that leaves no such remainder, or set "
          "TF_ENABLE_ONEDNN_OPTS=0")

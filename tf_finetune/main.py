@@ -56,7 +56,10 @@ flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
                   "tf.distribute strategy.")
 flags.DEFINE_integer("virtual_cpu_devices", _D.virtual_cpu_devices,
                      "Split the CPU into N logical devices (0: don't).")
-flags.DEFINE_bool("jit_compile", _D.jit_compile, "XLA-compile the train step.")
+flags.DEFINE_enum("jit_compile", _D.jit_compile, config_lib.JIT_COMPILE_CHOICES,
+                  "XLA-compile the train step. auto: on with GPUs, off on "
+                  "CPUs (compiling costs more than it saves there).",
+                  case_sensitive=False)
 flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
                      "augmentation and initialisation.")
 flags.DEFINE_string("export_dir", _D.export_dir,
@@ -92,6 +95,22 @@ flags.DEFINE_integer("executions_per_trial", _D.executions_per_trial,
 flags.DEFINE_bool("overwrite_search", _D.overwrite_search,
                   "Start the search in WORKDIR/tuner/ afresh instead of "
                   "resuming it.")
+flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
+                  config_lib.MIXED_PRECISION_CHOICES,
+                  "Keras dtype policy. auto: mixed_float16 on GPUs of compute "
+                  "capability >= 7, else float32.")
+flags.DEFINE_bool("cache_features", _D.cache_features,
+                  "Stage head trains on backbone features computed once per "
+                  "view of each image instead of running the frozen backbone "
+                  "in every epoch.")
+flags.DEFINE_integer("feature_views", _D.feature_views,
+                     "Views per training image in the feature cache: 1 is the "
+                     "un-augmented images (--augment then applies in stage "
+                     "finetune only); K >= 2 are K augmented views, head "
+                     "epoch e trains on view e mod K.")
+flags.DEFINE_integer("cache_memory_mb", _D.cache_memory_mb,
+                     "Feature cache held in memory up to this size; the rest "
+                     "goes to files under WORKDIR/feature_cache/.")
 
 
 def config_from_flags() -> config_lib.Config:

@@ -11,6 +11,8 @@ import keras
 from tf_finetune.config import UserError
 
 BACKBONE_NAME = "backbone"
+# The pooled backbone output: the head's input, and what features.py caches.
+FEATURES_NAME = "pool"
 
 
 @keras.saving.register_keras_serializable(package="tf_finetune")
@@ -54,7 +56,7 @@ def build_model(num_classes: int, image_size: int, weights: str = "imagenet",
   inputs = keras.Input(shape, dtype="uint8", name="images")
   x = ImageNetPreprocess(name="preprocess")(inputs)
   x = build_backbone(shape, weights)(x)
-  x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+  x = keras.layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
   x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
   # float32 output keeps the softmax and the loss stable under mixed precision.
   outputs = keras.layers.Dense(

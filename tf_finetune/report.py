@@ -32,11 +32,14 @@ def write_json_atomic(path: str, payload: Any) -> None:
 def build_report(*, class_names: List[str], num_examples: Dict[str, int],
                  skipped_files: List[Dict], stages: List[Dict],
                  val_accuracy: float, test_accuracy: Optional[float],
-                 export_path: str, config: Dict, seconds: float) -> Dict:
+                 export_path: str, config: Dict, seconds: float,
+                 speed: Optional[Dict] = None) -> Dict:
   """Assembles report.json's content (the fields DESIGN.md requires, and more).
 
   `images_per_second` maps each stage's name to its training throughput,
   measured over its steps after the first (which includes graph tracing).
+  `speed` (speed.Switches.describe): the resolved speed switches, the
+  stage-1 mode ("cached_features" or "images") and the peak RSS.
   """
   report = {
       "class_names": list(class_names),
@@ -51,6 +54,10 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
   }
   if test_accuracy is not None:
     report["test_accuracy"] = test_accuracy
+  if speed is not None:
+    report["speed"] = speed
+    report["stage1_mode"] = speed["stage1_mode"]
+    report["peak_rss_mb"] = speed["peak_rss_mb"]
   return report
 
 

@@ -20,7 +20,9 @@ import time
 from typing import Dict, List, Optional
 
 import keras
+from absl import logging
 
+from tf_finetune import speed
 from tf_finetune.config import RESNET50_BLOCKS, Config
 from tf_finetune.model import get_backbone
 
@@ -42,11 +44,12 @@ class StagePlan:
   jit_compile: bool = False
 
   @classmethod
-  def from_config(cls, config: Config) -> "StagePlan":
+  def from_config(cls, config: Config, jit_compile: bool = False
+                  ) -> "StagePlan":
+    """`jit_compile` is the resolved `--jit_compile` (speed.resolve_switches)."""
     return cls(config.head_epochs, config.finetune_epochs,
                config.head_learning_rate, config.finetune_learning_rate,
-               config.unfreeze_blocks, config.label_smoothing,
-               config.jit_compile)
+               config.unfreeze_blocks, config.label_smoothing, jit_compile)
 
   @property
   def total_epochs(self) -> int:
@@ -93,11 +96,17 @@ def compile_model(model: keras.Model, learning_rate: float,
   model.compile(
       optimizer=optimizer,
       loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-      jit_compile=jit_compile)
+      metrics=[accuracy_metric()], jit_compile=jit_compile)
   # Built here, eagerly and in the strategy scope, not lazily inside the
-  # first traced train step.
-  optimizer.build(model.trainable_variables)
+  # first traced train step. `model.optimizer`, not `optimizer`: under
+  # mixed_float16 compile wraps it in a LossScaleOptimizer, whose own
+  # variables (loss scale, step counter) need building too.
+  model.optimizer.build(model.trainable_variables)
+
+
+def accuracy_metric() -> keras.metrics.Metric:
+  """The metric both stages report (labels are one-hot)."""
+  return keras.metrics.CategoricalAccuracy(name="accuracy")
 
 
 def apply_stage(model: keras.Model, plan: StagePlan, stage: str) -> None:
@@ -117,7 +126,12 @@ class TwoStageCallback(keras.callbacks.Callback):
   """Switches from stage "head" to "finetune" at the planned epoch.
 
   Also records, per stage, what the report needs: epochs, learning rate,
-  trainable parameters, seconds, images/second and the Keras history.
+  trainable parameters, seconds, images/second, peak memory and the Keras
+  history, and logs a one-line summary when a stage ends.
+
+  The stages may also come from two `fit` calls on models sharing the head
+  (features.py: stage head on cached features, then stage finetune on
+  images with `initial_epoch`); one callback instance then spans both.
 
   Args:
     plan: the stage plan.
@@ -136,6 +150,18 @@ class TwoStageCallback(keras.callbacks.Callback):
     self.records: List[Dict] = []
     self._batch_start = 0.0
     self._resume_note: Optional[Dict] = None  # See restore_records.
+    self._early: Dict[str, tuple] = {}
+
+  def start_stage_early(self, stage: str, started: float, **fields) -> None:
+    """Counts work done before `stage`'s first epoch in its seconds.
+
+    Args:
+      stage: the stage the work belongs to.
+      started: `time.perf_counter()` when that work began.
+      **fields: extra report fields of the stage (e.g. how its input was
+        made).
+    """
+    self._early[stage] = (started, fields)
 
   def on_epoch_begin(self, epoch, logs=None):
     stage = self.plan.stage_at(epoch)
@@ -169,16 +195,25 @@ class TwoStageCallback(keras.callbacks.Callback):
     record["seconds"] = time.perf_counter() - record["_start"]
     if record["_step_seconds"] > 0:
       record["images_per_second"] = record["_images"] / record["_step_seconds"]
+    # A high-water mark of the whole process: the peak up to this stage.
+    record["peak_rss_mb"] = speed.peak_rss_mb()
+    if (epoch + 1 == self.plan.total_epochs
+        or self.plan.stage_at(epoch + 1) != record["name"]):
+      log_stage_summary(record)
 
   def _start_record(self, stage: str, started: float) -> None:
+    started, fields = self._early.pop(stage, (started, {}))
     self.records.append({
         "name": stage,
         "epochs": self.plan.epochs_of(stage),
         "learning_rate": self.plan.learning_rate_of(stage),
         "unfrozen_blocks": list(self.plan.unfrozen_blocks(stage)),
         "trainable_params": count_trainable_params(self.model),
+        "input": "images",
+        **fields,
         "seconds": 0.0,
         "images_per_second": None,
+        "peak_rss_mb": None,
         "history": {},
         "_start": started, "_first_step_done": False,
         "_step_seconds": 0.0, "_images": 0,
@@ -218,3 +253,15 @@ class TwoStageCallback(keras.callbacks.Callback):
       self.records[-1].setdefault("resumed_at", []).append(note)
     else:  # Resumed at the stage switch: the new stage's record gets it.
       self._resume_note = note
+
+
+def log_stage_summary(record: Dict) -> None:
+  """One log line per finished stage: time, throughput, memory, accuracy."""
+  val = record["history"].get("val_accuracy") or [float("nan")]
+  ips = record["images_per_second"]
+  logging.info(
+      "Stage %s: %d epoch(s) in %.1f s on %s, %s images/s after the first "
+      "step, peak RSS %.0f MB, val_accuracy %.4f.", record["name"],
+      len(record["history"].get("loss", [])), record["seconds"],
+      record["input"].replace("_", " "),
+      "n/a" if ips is None else f"{ips:.0f}", record["peak_rss_mb"], val[-1])

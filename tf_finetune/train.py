@@ -15,8 +15,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import (checkpoints, data, distribute, export, plots, report,
-                         stages)
+from tf_finetune import (checkpoints, data, distribute, export, features,
+                         plots, report, speed, stages)
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -48,8 +48,9 @@ def _train(config: Config, strategy,
   distribute.check_batch_split(strategy, config.batch_size,
                                datasets.num_examples)
   num_classes = len(datasets.class_names)
-  plan = stages.StagePlan.from_config(config)
-  with strategy.scope():
+  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
+  plan = stages.StagePlan.from_config(config, switches.jit_compile)
+  with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_model(num_classes, config.image_size, config.weights,
                         config.dropout, config.seed)
   stage_callback = start_stages(model, plan, resume, config,
@@ -70,7 +71,8 @@ def _train(config: Config, strategy,
       test_accuracy=accuracies.get("test"),
       export_path=export_path,
       config=dataclasses.asdict(config),
-      seconds=time.perf_counter() - started)
+      seconds=time.perf_counter() - started,
+      speed=switches.describe())
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE))
@@ -112,7 +114,9 @@ def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
   checkpointer = checkpoints.Checkpointer(
       config.workdir, config, stage_callback,
       checkpoints.count_steps(datasets.num_examples["train"],
-                              config.batch_size), resume)
+                              config.batch_size), resume, model=model,
+      unsaved_epochs=range(config.head_epochs - 1)
+      if config.caches_features else ())
   # The checkpointer comes last: it saves once the other callbacks, the
   # CSV log included, have seen the epoch.
   callbacks = [stage_callback,
@@ -120,13 +124,46 @@ def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
                                          append=resume is not None),
                *extra_callbacks, checkpointer,
                checkpoints.EpochProgress(config.total_epochs)]
-  train = to_one_hot(datasets.train, num_classes)
   with checkpointer.catch_sigterm():
-    for segment in checkpoints.fit_segments(resume, config.total_epochs):
-      model.fit(train.skip(segment.skip_batches),
-                validation_data=to_one_hot(datasets.val, num_classes),
-                initial_epoch=segment.initial_epoch, epochs=segment.epochs,
-                callbacks=callbacks, verbose=2)
+    fit_stages(model, stage_callback, datasets, config, callbacks, resume)
+
+
+def fit_stages(model: keras.Model, stage_callback: stages.TwoStageCallback,
+               datasets: data.Datasets, config: Config,
+               callbacks: Sequence[keras.callbacks.Callback],
+               resume: Optional[checkpoints.TrainingState] = None,
+               verbose=2) -> keras.callbacks.History:
+  """Runs the fits that train what is left of both stages.
+
+  Stage head trains on cached backbone features when `config` says so
+  (features.py), the rest on images; returns the last fit's History.
+  `stage_callback` (its plan says where the stages are) must be among
+  `callbacks`.
+  """
+  plan = stage_callback.plan
+  num_classes = len(datasets.class_names)
+  train = to_one_hot(datasets.train, num_classes)
+  val = to_one_hot(datasets.val, num_classes)
+  unaugmented = (None if datasets.train_unaugmented is None
+                 else to_one_hot(datasets.train_unaugmented, num_classes))
+  head_end = plan.head_epochs if config.caches_features else 0
+  history = None
+  with features.CachedHeadStage(
+      model, plan, stage_callback, features.CacheSettings.from_config(config),
+      train, unaugmented, val, verbose) as head:
+    for segment in checkpoints.fit_segments(resume, plan.total_epochs,
+                                            split_at=head_end):
+      if segment.initial_epoch < head_end:
+        history = head.fit(segment.initial_epoch, segment.epochs,
+                           segment.skip_batches, callbacks)
+      else:
+        history = model.fit(train.skip(segment.skip_batches),
+                            validation_data=val,
+                            initial_epoch=segment.initial_epoch,
+                            epochs=segment.epochs, callbacks=callbacks,
+                            verbose=verbose)
+      features.continue_logs(callbacks)
+  return history
 
 
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:

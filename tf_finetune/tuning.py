@@ -2,9 +2,10 @@
 learning rates; writes best.cfg and tuning_report.json.
 
 A trial is exactly a training run: `FineTuneHyperModel.build` is
-`model.build_model`, and its `fit` runs both stages inside one `model.fit`
-with `stages.TwoStageCallback`, as `train.run_training` does, on input
-pipelines made afresh and seeded the same way. A searched flag is a
+`model.build_model`, and its `fit` runs both stages with `train.fit_stages`
+and `stages.TwoStageCallback`, as `train.run_training` does (stage head on
+cached features unless --nocache_features), on input pipelines made afresh
+and seeded the same way. A searched flag is a
 hyperparameter of the same name; every other flag stays at its value.
 
 Hyperband's budgets. Hyperband gives each trial E epochs. A trial of budget
@@ -36,17 +37,19 @@ import json
 import math
 import os
 import shutil
+import contextlib
 import time
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import keras_tuner as kt
+from tensorboard.plugins.hparams import api as hparams_api
 
 from tf_finetune import config as config_lib
 from tf_finetune import data, distribute, report, stages
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
-from tf_finetune.train import to_one_hot
+from tf_finetune.train import fit_stages
 
 PROJECT = "tuner"
 DEFINITION_FILE = "search.json"
@@ -56,7 +59,8 @@ BEST_CONFIG_FILE = "best.cfg"
 # change them (e.g. more --max_trials, another --strategy).
 _RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                       "virtual_cpu_devices", "jit_compile", "export_dir",
-                      "top_k", "max_trials", "overwrite_search")
+                      "top_k", "max_trials", "overwrite_search",
+                      "cache_memory_mb")
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -116,7 +120,7 @@ class FineTuneHyperModel(kt.HyperModel):
 
   def fit(self, hp: kt.HyperParameters, model: keras.Model, *args,
           callbacks=(), verbose=2, **kwargs) -> Dict[str, float]:
-    """Trains both stages in one `model.fit`; returns the last epoch's
+    """Trains both stages (`train.fit_stages`); returns the last epoch's
     metrics (what a training run reports) and the epochs run per stage."""
     del args, kwargs  # Data comes from the config, as in a training run.
     trial = self.trial_config(hp)
@@ -129,16 +133,14 @@ class FineTuneHyperModel(kt.HyperModel):
     stages.apply_stage(model, plan, first_stage)
     stage_callback = stages.TwoStageCallback(
         plan, first_stage, datasets.num_examples["train"], trial.batch_size)
-    history = model.fit(
-        to_one_hot(datasets.train, self.num_classes),
-        validation_data=to_one_hot(datasets.val, self.num_classes),
-        epochs=plan.total_epochs,
-        callbacks=[stage_callback, *self._early_stopping(plan), *callbacks],
+    history = fit_stages(
+        model, stage_callback, datasets, trial,
+        [stage_callback, *self._early_stopping(plan), *callbacks],
         verbose=verbose)
     last = {name: values[-1] for name, values in history.history.items()}
     ran = {record["name"]: len(record["history"].get("loss", []))
            for record in stage_callback.stage_reports()}
-    return {**last, "epochs_run": len(history.epoch),
+    return {**last, "epochs_run": sum(ran.values()),
             "head_epochs_run": ran.get(stages.HEAD, 0),
             "finetune_epochs_run": ran.get(stages.FINETUNE, 0)}
 
@@ -189,15 +191,40 @@ class FineTuneTuner(kt.Tuner):
       callbacks = [keras.callbacks.TensorBoard(self.log_dir, write_graph=False)]
       # Per-trial log folder plus TensorBoard's HParams dashboard.
       self._configure_tensorboard_dir(callbacks, trial, execution)
+      per_fit, per_trial = split_hparams_callbacks(callbacks)
       try:
         keras.backend.clear_session()
         with self.distribution_strategy.scope():
           model = self.hypermodel.build(hp, execution)
-        result = self.hypermodel.fit(hp, model, callbacks=callbacks)
+        with once_around_fits(per_trial, model):
+          result = self.hypermodel.fit(hp, model, callbacks=per_fit)
       except UserError as e:
         raise _UserErrorInTrial(str(e)) from e
       results.append({**result, "seconds": time.perf_counter() - started})
     return results  # KerasTuner averages the executions.
+
+
+def split_hparams_callbacks(callbacks: List) -> Tuple[List, List]:
+  """(callbacks for every fit, TensorBoard HParams callbacks).
+
+  A trial is two fits when stage head trains on cached features, but the
+  HParams callback that `_configure_tensorboard_dir` adds raises "hparams
+  Keras callback cannot be reused across training sessions" at a second
+  `on_train_begin`: it must see the trial once (`once_around_fits`).
+  """
+  per_trial = [c for c in callbacks if isinstance(c, hparams_api.KerasCallback)]
+  return [c for c in callbacks if c not in per_trial], per_trial
+
+
+@contextlib.contextmanager
+def once_around_fits(callbacks: List, model: keras.Model):
+  """Runs `callbacks`' train begin and end once, around all of a trial's fits."""
+  for callback in callbacks:
+    callback.set_model(model)
+    callback.on_train_begin()
+  yield
+  for callback in callbacks:
+    callback.on_train_end()
 
 
 def describe_values(values: Dict) -> str:
