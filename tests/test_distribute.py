@@ -217,7 +217,10 @@ def test_mirrored_splits_each_global_batch_in_half(mirrored_run):
 
 def test_mirrored_stage_head_keeps_the_backbone_bit_identical(mirrored_run,
                                                               inputs):
-  result, _ = mirrored_run
+  result, workdir = mirrored_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    # The default: the head trained on cached features, distributed.
+    assert json.load(f)["stage1_mode"] == "cached_features"
   loaded = inputs[2]
   after_head = result["snapshots"][0]["backbone"]
   assert after_head.keys() == loaded.keys()

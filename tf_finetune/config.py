@@ -207,7 +207,6 @@ class Config:
            + ", ".join(f"--search_{name}=MIN:MAX" for name in SEARCHABLE)
            + ".")
 
-
   def _check_speed_switches(self) -> None:
     """XLA, precision and stage-1 feature caching (issue 8)."""
     for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
