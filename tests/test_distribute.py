@@ -131,6 +131,14 @@ def read(path):
     return f.read()
 
 
+# The mirrored and two-worker runs, compared with each other to rtol 1e-5,
+# train stage head on images: with the default cached features the two
+# setups once ended finetune up to 5.9e-4 apart in a conv kernel (1 suite run
+# in 4; about lr x steps, the size of Adam turning float noise in near-zero
+# gradients into whole steps). The lost-worker run keeps the default.
+ON_IMAGES = "--nocache_features"
+
+
 def training_flags(dataset, weights, workdir, *extra):
   return ["--flagfile=configs/smoke.cfg", f"--dataset=folder:{dataset}",
           f"--weights={weights}", f"--workdir={workdir}",
@@ -177,7 +185,7 @@ def mirrored_run(inputs, tmp_path_factory):
   """Both stages under `mirrored` over 2 virtual CPU devices."""
   dataset, weights, _ = inputs
   tmp = tmp_path_factory.mktemp("mirrored")
-  flags = training_flags(dataset, weights, tmp / "work",
+  flags = training_flags(dataset, weights, tmp / "work", ON_IMAGES,
                          "--strategy=mirrored", "--virtual_cpu_devices=2")
   process, out = run_driver(tmp, "mirrored", flags)
   assert wait_all([process], 1200) == [0], read(tmp / "mirrored.log")[-3000:]
@@ -194,7 +202,7 @@ def multi_worker_run(inputs, tmp_path_factory):
   for index in range(2):
     scratch = tmp / f"tmp{index}"  # The worker's TMPDIR: must end up empty.
     scratch.mkdir()
-    flags = training_flags(dataset, weights, tmp / f"work{index}",
+    flags = training_flags(dataset, weights, tmp / f"work{index}", ON_IMAGES,
                            "--strategy=multi_worker")
     runs.append(run_driver(tmp, f"worker{index}", flags,
                            TF_CONFIG=tf_config(ports, index),
@@ -217,10 +225,7 @@ def test_mirrored_splits_each_global_batch_in_half(mirrored_run):
 
 def test_mirrored_stage_head_keeps_the_backbone_bit_identical(mirrored_run,
                                                               inputs):
-  result, workdir = mirrored_run
-  with open(os.path.join(workdir, "report.json")) as f:
-    # The default: the head trained on cached features, distributed.
-    assert json.load(f)["stage1_mode"] == "cached_features"
+  result, _ = mirrored_run
   loaded = inputs[2]
   after_head = result["snapshots"][0]["backbone"]
   assert after_head.keys() == loaded.keys()
