@@ -117,8 +117,10 @@ def assert_trials_inside_the_space(report, space=SPACE, count=2):
     for name, (low, high) in space.items():
       assert low <= trial_values[name] <= high, (name, trial_values)
   assert len({json.dumps(v, sort_keys=True) for v in values}) == count
-  best = max(trials, key=lambda t: t["score"])
-  assert report["best_trial"] == best["trial_id"]
+  # The best trial has the best score; on a tie (a handful of validation
+  # images gives few distinct accuracies) either trial is the best.
+  scores = {t["trial_id"]: t["score"] for t in trials}
+  assert scores[report["best_trial"]] == max(scores.values())
 
 
 # ------------------------------------------------- random search, via the CLI
