@@ -70,7 +70,7 @@ class Datasets:
       be used (folder sources only).
     train_unaugmented: the training split like `val`: fixed order, not
       augmented (stage head's cached features with --feature_views=1,
-      features.py); None when `train` itself is not augmented.
+      features.py); None: `train` stands in for it.
   """
   train: tf.data.Dataset
   val: tf.data.Dataset

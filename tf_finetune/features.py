@@ -86,7 +86,7 @@ class CachedHeadStage:
     train: batches of (uint8 images, one-hot labels); if it augments, each
       pass over it is a new view (K >= 2).
     train_unaugmented: the same images not augmented (the view when K = 1);
-      None when `train` does not augment.
+      None: `train` is used instead.
     validation: batches like `train`, not augmented, or None.
     verbose: Keras verbosity (0: no progress bar while caching).
   """
