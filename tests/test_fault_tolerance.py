@@ -103,15 +103,18 @@ class CountSteps(keras.callbacks.Callback):
     self.steps[self.current] = self.steps.get(self.current, 0) + 1
 
 
+def tiny_run(config):
+  """What `train.set_up_run` makes, with the tiny model and data."""
+  plan = stages.StagePlan.from_config(config, steps_per_epoch=TINY_STEPS)
+  return train.Run(config, None, plan, tiny_datasets(), build_tiny_model())
+
+
 def run_tiny(config, extra=(), resume=None):
   """One training process of the tiny model: returns (model, stage callback)."""
-  model = build_tiny_model()
-  plan = stages.StagePlan.from_config(config)
-  datasets = tiny_datasets()
-  callback = train.start_stages(model, plan, resume, config,
-                                datasets.num_examples["train"])
-  train.fit_remaining(model, datasets, config, callback, resume, extra)
-  return model, callback
+  run = tiny_run(config)
+  callback, best = train.start_stages(run, resume)
+  train.fit_remaining(run, callback, best, resume, extra)
+  return run.model, callback
 
 
 @pytest.fixture(scope="module", params=[True, False],
@@ -169,9 +172,9 @@ def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
   state = checkpoints.check_workdir(config)
   assert (state.epoch, state.step, state.stage) == (1, 2, "finetune")
 
-  model = build_tiny_model()
-  plan = stages.StagePlan.from_config(config)
-  callback = train.start_stages(model, plan, state, config, 16)
+  run = tiny_run(config)
+  model = run.model
+  callback, best = train.start_stages(run, state)
   # The finetune configuration, with the saved optimizer state in it.
   assert {v.path for v in model.trainable_variables} == {
       "conv5_block3_1_conv/kernel", "conv5_block3_1_conv/bias",
@@ -182,10 +185,12 @@ def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
     np.testing.assert_array_equal(saved, restored.numpy())
   for saved, restored in zip(crash.weights, model.weights):
     np.testing.assert_array_equal(saved, restored.numpy())
-  np.testing.assert_allclose(float(model.optimizer.learning_rate), 1e-3)
+  # The schedule goes on from the saved step count.
+  np.testing.assert_allclose(float(model.optimizer.learning_rate),
+                             float(run.plan.schedule_of("finetune")(2)))
 
   steps = CountSteps()
-  train.fit_remaining(model, tiny_datasets(), config, callback, state, [steps])
+  train.fit_remaining(run, callback, best, state, [steps])
   # Only what was left: the rest of epoch 1, then epoch 2.
   assert steps.steps == {1: TINY_STEPS - 2, 2: TINY_STEPS}
   straight_weights, straight_reports, _ = uninterrupted
@@ -257,10 +262,9 @@ def test_nan_loss_stops_naming_stage_epoch_step_and_keeps_checkpoint(tmp_path):
   kept = checkpoints.describe_position(state.epoch, state.step, 3)
   assert f"({kept}), is kept in {tmp_path / 'checkpoints'}" in message
   # The kept checkpoint loads, in its stage, and holds finite weights only.
-  model = build_tiny_model()
-  train.start_stages(model, stages.StagePlan.from_config(config), state,
-                     config, 16)
-  assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+  run = tiny_run(config)
+  train.start_stages(run, state)
+  assert all(np.isfinite(v.numpy()).all() for v in run.model.weights)
   assert not os.path.exists(tmp_path / "report.json")
 
 
@@ -572,8 +576,10 @@ def test_resumed_report_describes_both_stages(killed_and_resumed):
   assert (head["name"], finetune["name"]) == ("head", "finetune")
   assert len(head["history"]["loss"]) == HEAD_EPOCHS
   assert len(finetune["history"]["loss"]) == FINETUNE_EPOCHS
+  # Cosine decay from 1e-4 over the stage, continued across the kill: half
+  # way at the end of its first epoch, zero at its end.
   assert finetune["history"]["learning_rate"] == pytest.approx(
-      [1e-4] * FINETUNE_EPOCHS)
+      [5e-5, 0.0], abs=1e-9)
   assert finetune["trainable_params"] > head["trainable_params"]
   killed_at = runs["after_sigkill"]
   assert finetune["resumed_at"][-1] == {"epoch": killed_at.epoch,

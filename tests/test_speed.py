@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
-from tf_finetune import data, features, speed, stages, train
+from tf_finetune import data, features, selection, speed, stages, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
@@ -51,8 +51,11 @@ def _fit_stages(model, plan, images, labels, workdir, batch_size=COUNT,
                   finetune_epochs=plan.finetune_epochs,
                   batch_size=batch_size, cache_memory_mb=64,
                   **{"augment": (), **config})
-  train.fit_stages(model, callback, datasets, config,
-                   [callback, *callbacks], verbose=0)
+  run = train.Run(config, None, plan, datasets, model)
+  # Watches a metric never logged, so keeps no epoch: these tests follow the
+  # weights from epoch to epoch (test_selection.py tests the keeping).
+  best = selection.BestWeights(plan, model, monitor="not_logged")
+  train.fit_stages(run, callback, best, callbacks, verbose=0)
   return callback
 
 

@@ -72,6 +72,8 @@ class TrainingState:
     file: the weights file's name inside the checkpoint folder.
     num_optimizer_variables: how many variables the saved optimizer has.
     fingerprint: the run-defining flags (`fingerprint`).
+    best: the best epoch so far (`selection.BestWeights.state`), or None.
+    best_file: the file of its weights inside the checkpoint folder.
   """
   epoch: int
   step: int
@@ -80,6 +82,8 @@ class TrainingState:
   file: str
   num_optimizer_variables: int
   fingerprint: Dict
+  best: Optional[Dict] = None
+  best_file: Optional[str] = None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -155,8 +159,9 @@ def remove_checkpoints(workdir: str) -> None:
 
 
 def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
-            workdir: str) -> None:
-  """Puts `model` in the saved stage, then loads weights and optimizer.
+            folder: str) -> None:
+  """Puts `model` in the saved stage, then loads weights and optimizer from
+  the checkpoint `folder`.
 
   The order matters (DESIGN.md, trap 2): the optimizer must be built on the
   stage's trainable variables before its saved variables can be loaded.
@@ -165,21 +170,27 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
   num_variables = len(model.optimizer.variables)
   if num_variables != state.num_optimizer_variables:
     raise UserError(
-        f"--workdir={workdir!r}: the checkpoint's optimizer has "
+        f"{folder}: the checkpoint's optimizer has "
         f"{state.num_optimizer_variables} variables, the model's optimizer "
         f"in stage {state.stage!r} has {num_variables}: it was written by "
         "another version of tf_finetune. Pass --fresh to start over.")
-  path = os.path.join(checkpoint_dir(workdir), state.file)
+  path = os.path.join(folder, state.file)
   try:
     model.load_weights(path)
   except Exception as e:  # h5py OSError, Keras ValueError: all "unusable".
     raise UserError(
-        f"--workdir={workdir!r}: cannot load the checkpoint {path} "
+        f"Cannot load the checkpoint {path} "
         f"({type(e).__name__}: {str(e).strip()[:300]}). Pass --fresh to "
         "start over.") from e
   logging.info("Resuming from %s, %s (stage %r).", path,
                describe_position(state.epoch, state.step, plan.total_epochs),
                state.stage)
+
+
+def restore_best(best, state: TrainingState, folder: str) -> None:
+  """Gives a `selection.BestWeights` the best epoch of the checkpoint."""
+  best.load(state.best, state.best_file and os.path.join(folder,
+                                                         state.best_file))
 
 
 def describe_position(epoch: int, step: int, total_epochs: int) -> str:
@@ -307,9 +318,12 @@ class Checkpointer(keras.callbacks.Callback):
                stage_callback: stages.TwoStageCallback, steps_per_epoch: int,
                start: Optional[TrainingState] = None,
                model: Optional[keras.Model] = None,
-               unsaved_epochs: Sequence[int] = ()):
+               unsaved_epochs: Sequence[int] = (), best=None):
     super().__init__()
     self._saved_model = model
+    self.best = best
+    self._best_file = start.best_file if start else None
+    self._best_id = best.snapshot_id() if best is not None else None
     self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
     self.folder = checkpoint_dir(workdir)
@@ -370,18 +384,37 @@ class Checkpointer(keras.callbacks.Callback):
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
+    self._save_best(epoch, step)
     state = TrainingState(
         epoch=epoch, step=step, stage=stage,
         records=self.stage_callback.records_state(), file=name,
         num_optimizer_variables=len(self.model.optimizer.variables),
-        fingerprint=self.fingerprint)
+        fingerprint=self.fingerprint,
+        best=self.best.state() if self.best else None,
+        best_file=self._best_file)
     write_text_atomic(os.path.join(self.folder, POINTER_FILE), json.dumps(
         {"format": _FORMAT, **dataclasses.asdict(state)}, indent=1))
-    self._remove_other_files(name)
+    self._remove_other_files(name, self._best_file)
 
-  def _remove_other_files(self, current: str) -> None:
+  def _save_best(self, epoch: int, step: int) -> None:
+    """Writes the best epoch's weights when they changed since the last
+    checkpoint (most checkpoints of a long stage reuse the file)."""
+    if self.best is None or self.best.snapshot_id() in (None, self._best_id):
+      return
+    name = f"best-{epoch:04d}-{step:06d}.npz"
+    tmp = os.path.join(self.folder, f"{_TEMP_PREFIX}{os.getpid()}-{name}")
+    try:
+      self.best.save_snapshot(tmp)
+      _sync_file(tmp)
+      os.replace(tmp, os.path.join(self.folder, name))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    self._best_file, self._best_id = name, self.best.snapshot_id()
+
+  def _remove_other_files(self, *kept: str) -> None:
     for name in os.listdir(self.folder):
-      if name not in (current, POINTER_FILE):
+      if name not in (*kept, POINTER_FILE):
         os.remove(os.path.join(self.folder, name))
 
   def _where(self, epoch: int, step: int) -> str:

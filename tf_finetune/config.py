@@ -34,10 +34,16 @@ SEARCHABLE = {
     "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
 }
-# Speed switches (issue 8). "auto" is resolved per machine in speed.py.
+# What `--mode=tune` searches when no --search_* flag is given: how deep to
+# fine-tune and how fast, the two choices that decide whether fine-tuning
+# helps or hurts on a given dataset (README, "The recipe").
+DEFAULT_SEARCH = {"unfreeze_blocks": "0:16",
+                  "finetune_learning_rate": "1e-5:1e-3"}
+# Speed switches. "auto" is resolved per machine in speed.py.
 JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class UserError(Exception):
@@ -101,6 +107,8 @@ class Config:
   cache_features: bool = True
   feature_views: int = 1  # 1: the un-augmented images.
   cache_memory_mb: int = 1024
+  lr_schedule: str = "cosine"
+  warmup_fraction: float = 0.1
 
   @property
   def total_epochs(self) -> int:
@@ -144,6 +152,11 @@ class Config:
            f"{len(RESNET50_BLOCKS)} residual blocks; expected 0 to "
            f"{len(RESNET50_BLOCKS)}.")
     _check(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout}: must be in [0, 1).")
+    _check(self.lr_schedule in LR_SCHEDULES,
+           f"--lr_schedule={self.lr_schedule!r}: expected one of "
+           f"{LR_SCHEDULES}.")
+    _check(0.0 <= self.warmup_fraction < 1.0,
+           f"--warmup_fraction={self.warmup_fraction}: must be in [0, 1).")
     _check(0.0 <= self.label_smoothing < 1.0,
            f"--label_smoothing={self.label_smoothing}: must be in [0, 1).")
     _check(self.strategy in STRATEGIES,
@@ -180,12 +193,15 @@ class Config:
     _check(not self.fresh or self.mode == "train",
            f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
   def search_ranges(self) -> Dict[str, Tuple]:
-    """{training flag: (MIN, MAX)} for every search_* flag that is set."""
-    return {name: parse_search_range(name, getattr(self, "search_" + name))
-            for name in SEARCHABLE if getattr(self, "search_" + name)}
+    """{training flag: (MIN, MAX)} for every search_* flag that is set;
+    DEFAULT_SEARCH when none is."""
+    texts = {name: getattr(self, "search_" + name) for name in SEARCHABLE
+             if getattr(self, "search_" + name)} or DEFAULT_SEARCH
+    return {name: parse_search_range(name, text)
+            for name, text in texts.items()}
 
   def _validate_search(self) -> None:
-    ranges = self.search_ranges()  # Raises on a malformed range.
+    self.search_ranges()  # Raises on a malformed range.
     _check(self.tuner in TUNERS,
            f"--tuner={self.tuner!r}: expected one of {TUNERS}.")
     _check(self.objective in OBJECTIVES,
@@ -202,10 +218,6 @@ class Config:
            "it stands for.")
     _check(self.early_stopping_patience >= 0,
            "--early_stopping_patience: must be >= 0 (0: off).")
-    _check(self.mode != "tune" or bool(ranges),
-           "--mode=tune: nothing to search; set at least one of "
-           + ", ".join(f"--search_{name}=MIN:MAX" for name in SEARCHABLE)
-           + ".")
 
   def _check_speed_switches(self) -> None:
     """XLA, precision and stage-1 feature caching (issue 8)."""

@@ -48,6 +48,12 @@ flags.DEFINE_float("finetune_learning_rate", _D.finetune_learning_rate,
 flags.DEFINE_integer("unfreeze_blocks", _D.unfreeze_blocks,
                      "Residual blocks unfrozen in stage finetune, from the "
                      "top (0-16).")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
+                  "Learning rate within each stage: cosine decays it to zero "
+                  "over the stage; constant keeps it.")
+flags.DEFINE_float("warmup_fraction", _D.warmup_fraction,
+                   "Share of stage finetune's steps over which its learning "
+                   "rate rises linearly from zero (cosine schedule).")
 flags.DEFINE_float("dropout", _D.dropout, "Dropout before the head.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
 flags.DEFINE_string("augment", ",".join(_D.augment),

@@ -7,7 +7,7 @@ is written beside its target and renamed into place, like the JSON files.
 
 import os
 import tempfile
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,16 +36,19 @@ def stage_boundaries(stages: Sequence[Dict]) -> List[float]:
   return boundaries
 
 
-def build_curves_figure(stages: Sequence[Dict]) -> Figure:
+def build_curves_figure(stages: Sequence[Dict],
+                        kept: Optional[Dict] = None) -> Figure:
   """Loss, accuracy and learning rate of all stages on one epoch axis.
 
   Args:
     stages: report.json's "stages": dicts with "name" and "history" (Keras
       metric lists, one value per epoch of that stage).
+    kept: report.json's "kept" (its 0-based "epoch" is marked), or None.
 
   Returns:
     The figure: one axes per metric in CURVE_PANELS that the history has,
-    each with a dashed vertical line where a new stage starts.
+    each with a dashed vertical line where a new stage starts and a dotted
+    one at the epoch whose weights were kept.
   """
   panels = [m for m in CURVE_PANELS
             if any(m in s["history"] for s in stages)]
@@ -55,10 +58,15 @@ def build_curves_figure(stages: Sequence[Dict]) -> Figure:
     axes = figure.add_subplot(len(panels), 1, index + 1)
     for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
       values = _concatenate(stages, key)
+      if values is not None and metric == "learning_rate":
+        # A schedule that decays to zero ends at 0, which a log axis drops.
+        values = np.where(values > 0, values, np.nan)
       if values is not None:
         axes.plot(np.arange(1, len(values) + 1), values, marker="o",
                   label=label)
     _mark_stages(axes, stages)
+    if kept is not None:
+      _mark_kept(axes, kept["epoch"] + 1)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(metric.replace("_", " "))
     if metric == "learning_rate":
@@ -69,9 +77,10 @@ def build_curves_figure(stages: Sequence[Dict]) -> Figure:
   return figure
 
 
-def write_curves(stages: Sequence[Dict], path: str) -> str:
-  """Draws `build_curves_figure(stages)` into the PNG file `path`."""
-  save_figure_atomic(build_curves_figure(stages), path)
+def write_curves(stages: Sequence[Dict], path: str,
+                 kept: Optional[Dict] = None) -> str:
+  """Draws `build_curves_figure(stages, kept)` into the PNG file `path`."""
+  save_figure_atomic(build_curves_figure(stages, kept), path)
   return path
 
 
@@ -148,3 +157,10 @@ def _mark_stages(axes, stages):
                   xycoords=("data", "axes fraction"), xytext=(3, -3),
                   textcoords="offset points", va="top", fontsize="small",
                   color="gray")
+
+
+def _mark_kept(axes, epoch: int):
+  axes.axvline(epoch, color="green", linestyle=":", linewidth=1.5)
+  axes.annotate("kept", (epoch, 0.0), xycoords=("data", "axes fraction"),
+                xytext=(3, 3), textcoords="offset points", va="bottom",
+                fontsize="small", color="green")

@@ -33,13 +33,17 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
                  skipped_files: List[Dict], stages: List[Dict],
                  val_accuracy: float, test_accuracy: Optional[float],
                  export_path: str, config: Dict, seconds: float,
-                 speed: Optional[Dict] = None) -> Dict:
+                 speed: Optional[Dict] = None,
+                 kept: Optional[Dict] = None) -> Dict:
   """Assembles report.json's content (the fields DESIGN.md requires, and more).
 
   `images_per_second` maps each stage's name to its training throughput,
   measured over its steps after the first (which includes graph tracing).
   `speed` (speed.Switches.describe): the resolved speed switches, the
   stage-1 mode ("cached_features" or "images") and the peak RSS.
+  `kept` (selection.BestWeights): the stage and 0-based epoch whose weights
+  were kept, saved and exported, with their objective; None when no epoch
+  was validated (the last weights are kept).
   """
   report = {
       "class_names": list(class_names),
@@ -47,6 +51,7 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
       "skipped_files": list(skipped_files),
       "stages": stages,
       "val_accuracy": val_accuracy,
+      "kept": kept,
       "export_path": export_path,
       "images_per_second": {s["name"]: s["images_per_second"] for s in stages},
       "seconds": seconds,

@@ -42,14 +42,19 @@ class StagePlan:
   unfreeze_blocks: int
   label_smoothing: float = 0.0
   jit_compile: bool = False
+  steps_per_epoch: int = 1
+  lr_schedule: str = "constant"
+  warmup_fraction: float = 0.0
 
   @classmethod
-  def from_config(cls, config: Config, jit_compile: bool = False
-                  ) -> "StagePlan":
-    """`jit_compile` is the resolved `--jit_compile` (speed.resolve_switches)."""
+  def from_config(cls, config: Config, jit_compile: bool = False,
+                  steps_per_epoch: int = 1) -> "StagePlan":
+    """`jit_compile` is the resolved `--jit_compile` (speed.resolve_switches);
+    `steps_per_epoch` the training batches per epoch (for the schedules)."""
     return cls(config.head_epochs, config.finetune_epochs,
                config.head_learning_rate, config.finetune_learning_rate,
-               config.unfreeze_blocks, config.label_smoothing, jit_compile)
+               config.unfreeze_blocks, config.label_smoothing, jit_compile,
+               steps_per_epoch, config.lr_schedule, config.warmup_fraction)
 
   @property
   def total_epochs(self) -> int:
@@ -65,6 +70,28 @@ class StagePlan:
   def learning_rate_of(self, stage: str) -> float:
     return (self.head_learning_rate if stage == HEAD
             else self.finetune_learning_rate)
+
+  def schedule_of(self, stage: str):
+    """The learning rate of `stage`: a float, or a per-step schedule.
+
+    "cosine" decays the stage's rate to zero over its steps (Loshchilov &
+    Hutter, SGDR, 2017): the last epochs take small steps around the
+    optimum instead of jumping about it. Stage finetune first warms up
+    linearly from zero over `warmup_fraction` of its steps (Goyal et al.,
+    2017): a new Adam's first updates have full size on every weight,
+    which would shake the pretrained blocks before its moment estimates
+    settle. The optimizer of each stage is new, so its step count, which
+    drives the schedule, starts at zero with the stage.
+    """
+    rate = self.learning_rate_of(stage)
+    steps = self.epochs_of(stage) * self.steps_per_epoch
+    if self.lr_schedule == "constant" or steps < 2:
+      return rate
+    warmup = (int(self.warmup_fraction * steps) if stage == FINETUNE else 0)
+    if warmup == 0:
+      return keras.optimizers.schedules.CosineDecay(rate, steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, steps - warmup, warmup_target=rate, warmup_steps=warmup)
 
   def unfrozen_blocks(self, stage: str) -> tuple:
     """Names of the residual blocks that train in `stage`, bottom to top."""
@@ -88,10 +115,11 @@ def set_backbone_trainable(backbone: keras.Model, blocks) -> None:
         layer, keras.layers.BatchNormalization))
 
 
-def compile_model(model: keras.Model, learning_rate: float,
+def compile_model(model: keras.Model, learning_rate,
                   label_smoothing: float = 0.0,
                   jit_compile: bool = False) -> None:
-  """Compiles with a fresh Adam built on the current trainable variables."""
+  """Compiles with a fresh Adam built on the current trainable variables;
+  `learning_rate` is a float or a Keras schedule."""
   optimizer = keras.optimizers.Adam(learning_rate)
   model.compile(
       optimizer=optimizer,
@@ -113,7 +141,7 @@ def apply_stage(model: keras.Model, plan: StagePlan, stage: str) -> None:
   """Freezes/unfreezes for `stage` and recompiles at its learning rate."""
   with model.distribute_strategy.scope():
     set_backbone_trainable(get_backbone(model), plan.unfrozen_blocks(stage))
-    compile_model(model, plan.learning_rate_of(stage), plan.label_smoothing,
+    compile_model(model, plan.schedule_of(stage), plan.label_smoothing,
                   plan.jit_compile)
     model.make_train_function(force=True)
 

@@ -9,14 +9,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (checkpoints, data, distribute, export, features,
-                         plots, report, speed, stages)
+                         plots, report, selection, speed, stages)
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -43,20 +43,10 @@ def _train(config: Config, strategy,
   started = time.perf_counter()
   resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
   os.makedirs(config.workdir, exist_ok=True)
-  keras.utils.set_random_seed(config.seed)
-  datasets = data.create_datasets(config)
-  distribute.check_batch_split(strategy, config.batch_size,
-                               datasets.num_examples)
-  num_classes = len(datasets.class_names)
-  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
-  plan = stages.StagePlan.from_config(config, switches.jit_compile)
-  with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
-    model = build_model(num_classes, config.image_size, config.weights,
-                        config.dropout, config.seed)
-  stage_callback = start_stages(model, plan, resume, config,
-                                datasets.num_examples["train"])
-  fit_remaining(model, datasets, config, stage_callback, resume,
-                extra_callbacks)
+  run = set_up_run(config, strategy)
+  model, datasets = run.model, run.datasets
+  stage_callback, best = start_stages(run, resume)
+  fit_remaining(run, stage_callback, best, resume, extra_callbacks)
   accuracies = evaluate_splits(model, datasets)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   export_path = export.export_saved_model(
@@ -72,10 +62,12 @@ def _train(config: Config, strategy,
       export_path=export_path,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started,
-      speed=switches.describe())
+      speed=run.switches.describe(),
+      kept=describe_kept(best))
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
-                     os.path.join(config.workdir, plots.CURVES_FILE))
+                     os.path.join(config.workdir, plots.CURVES_FILE),
+                     kept=result["kept"])
   # The run is complete: a rerun starts over rather than resume.
   checkpoints.remove_checkpoints(config.workdir)
   logging.info("Report: %s", path)
@@ -83,70 +75,140 @@ def _train(config: Config, strategy,
   return result
 
 
-def start_stages(model: keras.Model, plan: stages.StagePlan,
-                 resume: Optional[checkpoints.TrainingState], config: Config,
-                 train_examples: int) -> stages.TwoStageCallback:
-  """Compiles `model` for its first stage, or restores a checkpoint into it
-  (stage, weights, optimizer); returns the stage callback to train with."""
+@dataclasses.dataclass
+class Run:
+  """What a training run and a search trial both train with.
+
+  Attributes:
+    config: the run's (or trial's) configuration.
+    switches: the speed switches resolved for this machine.
+    plan: the stage plan.
+    datasets: the input pipelines.
+    model: the model, built in the strategy scope and the dtype policy.
+  """
+  config: Config
+  switches: speed.Switches
+  plan: stages.StagePlan
+  datasets: data.Datasets
+  model: keras.Model
+
+
+def set_up_run(config: Config, strategy, build_fn=build_model,
+               model_seed: Optional[int] = None) -> Run:
+  """The one setup of `--mode=train` and of every trial of `--mode=tune`.
+
+  Seeds, input pipelines, the batch split check, the speed switches, the
+  stage plan and the model, in this order, so that a trial with given
+  hyperparameters trains exactly what `--mode=train` with them trains.
+
+  Args:
+    config: the validated configuration.
+    strategy: the tf.distribute strategy the model is built under.
+    build_fn: `model.build_model` or a stand-in with its signature (tests).
+    model_seed: seeds initialisation and dropout; default `config.seed`
+      (a search's repeated executions of a trial use others).
+  """
+  seed = config.seed if model_seed is None else model_seed
+  keras.utils.set_random_seed(seed)
+  datasets = data.create_datasets(config)
+  distribute.check_batch_split(strategy, config.batch_size,
+                               datasets.num_examples)
+  switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
+  plan = stages.StagePlan.from_config(
+      config, switches.jit_compile,
+      checkpoints.count_steps(datasets.num_examples["train"],
+                              config.batch_size))
+  with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
+    model = build_fn(len(datasets.class_names), config.image_size,
+                     config.weights, config.dropout, seed)
+  return Run(config, switches, plan, datasets, model)
+
+
+def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
+                 checkpoint_folder: Optional[str] = None
+                 ) -> Tuple[stages.TwoStageCallback, selection.BestWeights]:
+  """Compiles the model for its first stage, or restores a checkpoint into
+  it (stage, weights, optimizer, best epoch so far).
+
+  Returns:
+    The stage callback and the best-weights keeper to train with.
+  """
+  model, plan, config = run.model, run.plan, run.config
   if resume is None:
     stage = plan.stage_at(0)
     stages.apply_stage(model, plan, stage)
   else:
     stage = resume.stage
-    checkpoints.restore(model, plan, resume, config.workdir)
-  stage_callback = stages.TwoStageCallback(plan, stage, train_examples,
-                                           config.batch_size)
+    checkpoints.restore(model, plan, resume,
+                        checkpoint_folder or checkpoints.checkpoint_dir(
+                            config.workdir))
+  stage_callback = stages.TwoStageCallback(
+      plan, stage, run.datasets.num_examples["train"], config.batch_size)
+  best = selection.BestWeights(plan, model, config.objective,
+                               objective_direction(config.objective))
   if resume is not None:
     stage_callback.restore_records(resume.records, resume.epoch, resume.step)
-  return stage_callback
+    checkpoints.restore_best(best, resume,
+                             checkpoint_folder or checkpoints.checkpoint_dir(
+                                 config.workdir))
+  return stage_callback, best
 
 
-def fit_remaining(model: keras.Model, datasets: data.Datasets, config: Config,
-                  stage_callback: stages.TwoStageCallback,
+def objective_direction(objective: str) -> str:
+  """"min" for a loss, else "max"."""
+  return "min" if objective.endswith("loss") else "max"
+
+
+def describe_kept(best: selection.BestWeights) -> Optional[Dict]:
+  """report.json's "kept": the stage and 0-based epoch whose weights the run
+  kept, and their objective; None when no epoch was validated."""
+  return None if best.best is None else dict(best.best)
+
+
+def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
+                  best: selection.BestWeights,
                   resume: Optional[checkpoints.TrainingState],
                   extra_callbacks: Sequence[keras.callbacks.Callback] = ()
                   ) -> None:
   """Trains the epochs (and steps) not done yet, checkpointing as it goes."""
-  num_classes = len(datasets.class_names)
+  config = run.config
   logs = os.path.join(config.workdir, "logs")
   if resume is not None:
     checkpoints.trim_csv_log(os.path.join(logs, "training.csv"), resume.epoch)
   checkpointer = checkpoints.Checkpointer(
-      config.workdir, config, stage_callback,
-      checkpoints.count_steps(datasets.num_examples["train"],
-                              config.batch_size), resume, model=model,
+      config.workdir, config, stage_callback, run.plan.steps_per_epoch,
+      resume, model=run.model, best=best,
       unsaved_epochs=range(config.head_epochs - 1)
       if config.caches_features else ())
   # The checkpointer comes last: it saves once the other callbacks, the
-  # CSV log included, have seen the epoch.
-  callbacks = [stage_callback,
-               *create_logging_callbacks(config.workdir,
+  # CSV log and the best-weights keeper included, have seen the epoch.
+  callbacks = [*create_logging_callbacks(config.workdir,
                                          append=resume is not None),
                *extra_callbacks, checkpointer,
                checkpoints.EpochProgress(config.total_epochs)]
   with checkpointer.catch_sigterm():
-    fit_stages(model, stage_callback, datasets, config, callbacks, resume)
+    fit_stages(run, stage_callback, best, callbacks, resume)
 
 
-def fit_stages(model: keras.Model, stage_callback: stages.TwoStageCallback,
-               datasets: data.Datasets, config: Config,
+def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
+               best: selection.BestWeights,
                callbacks: Sequence[keras.callbacks.Callback],
                resume: Optional[checkpoints.TrainingState] = None,
                verbose=2) -> keras.callbacks.History:
   """Runs the fits that train what is left of both stages.
 
-  Stage head trains on cached backbone features when `config` says so
-  (features.py), the rest on images; returns the last fit's History.
-  `stage_callback` (its plan says where the stages are) must be among
-  `callbacks`.
+  Stage head trains on cached backbone features when the config says so
+  (features.py), the rest on images; returns the last fit's History. The
+  stage callback and the best-weights keeper run first, then `callbacks`.
   """
-  plan = stage_callback.plan
+  config, plan, datasets, model = run.config, run.plan, run.datasets, run.model
   num_classes = len(datasets.class_names)
   train = to_one_hot(datasets.train, num_classes)
   val = to_one_hot(datasets.val, num_classes)
   unaugmented = (None if datasets.train_unaugmented is None
                  else to_one_hot(datasets.train_unaugmented, num_classes))
   head_end = plan.head_epochs if config.caches_features else 0
+  callbacks = [stage_callback, best, *callbacks]
   history = None
   with features.CachedHeadStage(
       model, plan, stage_callback, features.CacheSettings.from_config(config),
@@ -163,6 +225,8 @@ def fit_stages(model: keras.Model, stage_callback: stages.TwoStageCallback,
                             epochs=segment.epochs, callbacks=callbacks,
                             verbose=verbose)
       features.continue_logs(callbacks)
+      if model.stop_training:  # Early stopping (search trials).
+        break
   return history
 
 

@@ -46,10 +46,10 @@ import keras_tuner as kt
 from tensorboard.plugins.hparams import api as hparams_api
 
 from tf_finetune import config as config_lib
-from tf_finetune import data, distribute, report, stages
+from tf_finetune import (checkpoints, data, distribute, report, selection,
+                         stages, train)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
-from tf_finetune.train import fit_stages
 
 PROJECT = "tuner"
 DEFINITION_FILE = "search.json"
@@ -62,6 +62,15 @@ _RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                       "top_k", "max_trials", "overwrite_search",
                       "cache_memory_mb")
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+SHARED_HEADS = "shared_heads"
+# Searched flags that change what stage head trains.
+_HEAD_HYPERPARAMETERS = ("head_learning_rate", "dropout")
+
+
+def shares_stage_head(config: Config) -> bool:
+  """Whether the trials of a search can share one stage head."""
+  return config.head_epochs > 0 and not any(
+      name in config.search_ranges() for name in _HEAD_HYPERPARAMETERS)
 
 
 def split_budget(budget: int, head_epochs: int,
@@ -83,14 +92,17 @@ def budget_of(values: Dict, config: Config) -> int:
 
 
 class FineTuneHyperModel(kt.HyperModel):
-  """The two-stage fine-tuning run as a KerasTuner HyperModel; `build_fn` is
-  `model.build_model` or a stand-in with its signature (tests)."""
+  """The two-stage fine-tuning run as a KerasTuner HyperModel.
 
-  def __init__(self, config: Config, num_classes: int,
-               build_fn=model_lib.build_model):
+  A trial is a training run: `train_trial` goes through `train.set_up_run`,
+  `train.start_stages` and `train.fit_stages`, the path of `--mode=train`,
+  with the flags of `trial_config`. `build_fn` is `model.build_model` or a
+  stand-in with its signature (tests).
+  """
+
+  def __init__(self, config: Config, build_fn=model_lib.build_model):
     super().__init__(name="tf_finetune")
     self.config = config
-    self.num_classes = num_classes
     self.build_fn = build_fn
 
   def declare_hyperparameters(self, hp: kt.HyperParameters) -> None:
@@ -104,45 +116,59 @@ class FineTuneHyperModel(kt.HyperModel):
         hp.Float(name, low, high, sampling=sampling)
 
   def trial_config(self, hp: kt.HyperParameters) -> Config:
-    """The training config of a trial: the flags with `hp`'s values."""
+    """The training config of a trial: the flags with `hp`'s values, and
+    the epochs of its budget (`split_budget`)."""
     self.declare_hyperparameters(hp)
-    return dataclasses.replace(self.config, **{
+    trial = dataclasses.replace(self.config, **{
         name: hp.get(name) for name in self.config.search_ranges()})
-
-  def build(self, hp: kt.HyperParameters, execution: int = 0) -> keras.Model:
-    """`build_model` for the trial, seeded as a training run; execution i of
-    a trial starts from another initialisation (seed + i)."""
-    trial = self.trial_config(hp)
-    seed = trial.seed + execution
-    keras.utils.set_random_seed(seed)
-    return self.build_fn(self.num_classes, trial.image_size, trial.weights,
-                         trial.dropout, seed)
-
-  def fit(self, hp: kt.HyperParameters, model: keras.Model, *args,
-          callbacks=(), verbose=2, **kwargs) -> Dict[str, float]:
-    """Trains both stages (`train.fit_stages`); returns the last epoch's
-    metrics (what a training run reports) and the epochs run per stage."""
-    del args, kwargs  # Data comes from the config, as in a training run.
-    trial = self.trial_config(hp)
     head, finetune = split_budget(budget_of(hp.values, trial),
                                   trial.head_epochs, trial.finetune_epochs)
-    plan = stages.StagePlan.from_config(dataclasses.replace(
-        trial, head_epochs=head, finetune_epochs=finetune))
-    datasets = data.create_datasets(trial)
-    first_stage = plan.stage_at(0)
-    stages.apply_stage(model, plan, first_stage)
-    stage_callback = stages.TwoStageCallback(
-        plan, first_stage, datasets.num_examples["train"], trial.batch_size)
-    history = fit_stages(
-        model, stage_callback, datasets, trial,
-        [stage_callback, *self._early_stopping(plan), *callbacks],
-        verbose=verbose)
-    last = {name: values[-1] for name, values in history.history.items()}
+    return dataclasses.replace(trial, head_epochs=head,
+                               finetune_epochs=finetune)
+
+  def build(self, hp: kt.HyperParameters) -> keras.Model:
+    raise NotImplementedError("A trial builds its model in train_trial.")
+
+  def train_trial(self, hp: kt.HyperParameters, strategy, execution: int = 0,
+                  callbacks=(), shared_head: Optional[str] = None,
+                  verbose=2) -> Dict[str, float]:
+    """Trains one execution of a trial; returns the kept epoch's metrics
+    (what a training run keeps and reports) and the epochs run per stage.
+
+    Args:
+      hp: the trial's hyperparameters.
+      strategy: the search's tf.distribute strategy.
+      execution: execution i starts from another initialisation (seed + i).
+      callbacks: more Keras callbacks (TensorBoard).
+      shared_head: a folder holding the checkpoint of stage head's end,
+        shared by the trials that train the same head: the first trial
+        writes it, the others start stage finetune from it.
+    """
+    trial = self.trial_config(hp)
+    run = train.set_up_run(trial, strategy, self.build_fn,
+                           model_seed=trial.seed + execution)
+    head_state = (checkpoints.read_state(shared_head) if shared_head
+                  else None)
+    stage_callback, best = train.start_stages(
+        run, head_state, shared_head and checkpoints.checkpoint_dir(
+            shared_head))
+    extra = list(callbacks)
+    if shared_head and head_state is None and run.plan.head_epochs:
+      extra.append(checkpoints.Checkpointer(
+          shared_head, trial, stage_callback, run.plan.steps_per_epoch,
+          model=run.model, best=best, unsaved_epochs=[
+              e for e in range(run.plan.total_epochs)
+              if e != run.plan.head_epochs - 1]))
+    train.fit_stages(run, stage_callback, best,
+                     [*extra, *self._early_stopping(run.plan)],
+                     resume=head_state, verbose=verbose)
     ran = {record["name"]: len(record["history"].get("loss", []))
            for record in stage_callback.stage_reports()}
-    return {**last, "epochs_run": sum(ran.values()),
+    return {**kept_metrics(stage_callback, best, run.plan),
+            "epochs_run": sum(ran.values()),
             "head_epochs_run": ran.get(stages.HEAD, 0),
-            "finetune_epochs_run": ran.get(stages.FINETUNE, 0)}
+            "finetune_epochs_run": ran.get(stages.FINETUNE, 0),
+            "head_shared": float(head_state is not None)}
 
   def _early_stopping(self, plan: stages.StagePlan) -> List:
     # Watches stage finetune only: stopping in stage head would skip the
@@ -150,9 +176,25 @@ class FineTuneHyperModel(kt.HyperModel):
     if not self.config.early_stopping_patience:
       return []
     return [keras.callbacks.EarlyStopping(
-        monitor=self.config.objective, mode=objective_direction(self.config),
+        monitor=self.config.objective,
+        mode=train.objective_direction(self.config.objective),
         patience=self.config.early_stopping_patience,
         start_from_epoch=plan.head_epochs)]
+
+
+def kept_metrics(stage_callback: stages.TwoStageCallback,
+                 best: selection.BestWeights,
+                 plan: stages.StagePlan) -> Dict[str, float]:
+  """The metrics of the epoch whose weights were kept (the last epoch's
+  when none was validated)."""
+  records = stage_callback.stage_reports()
+  if best.best is None:
+    return {name: values[-1] for name, values
+            in records[-1]["history"].items()}
+  stage, epoch = best.best["stage"], best.best["epoch"]
+  index = epoch - (plan.head_epochs if stage == stages.FINETUNE else 0)
+  record = next(r for r in records if r["name"] == stage)
+  return {name: values[index] for name, values in record["history"].items()}
 
 
 class _UserErrorInTrial(kt.errors.FatalError):
@@ -181,6 +223,23 @@ class FineTuneTuner(kt.Tuner):
     self.hypermodel.declare_hyperparameters(hp)
     self.oracle.update_space(hp)
 
+  def shared_head_folder(self, hp: kt.HyperParameters,
+                         execution: int) -> Optional[str]:
+    """Where the trials that train the same stage head share it, or None.
+
+    Stage head depends on the flags, the trial's head epochs (Hyperband
+    budgets differ) and the execution's seed, not on what stage finetune
+    does: when no head hyperparameter is searched, the first trial of each
+    (head epochs, execution) trains it and the others start from its
+    checkpoint. Not in a distributed search, whose workers may not share a
+    file system.
+    """
+    if not shares_stage_head(self.hypermodel.config) or distributed_role():
+      return None
+    head_epochs = self.hypermodel.trial_config(hp).head_epochs
+    return os.path.join(self.project_dir, SHARED_HEADS,
+                        f"head{head_epochs}-execution{execution}")
+
   def run_trial(self, trial, *args, **kwargs) -> List[Dict[str, float]]:
     hp = trial.hyperparameters
     print(f"tf_finetune: trial {trial.trial_id} on {self.tuner_id}: "
@@ -194,10 +253,10 @@ class FineTuneTuner(kt.Tuner):
       per_fit, per_trial = split_hparams_callbacks(callbacks)
       try:
         keras.backend.clear_session()
-        with self.distribution_strategy.scope():
-          model = self.hypermodel.build(hp, execution)
-        with once_around_fits(per_trial, model):
-          result = self.hypermodel.fit(hp, model, callbacks=per_fit)
+        with once_around_fits(per_trial):
+          result = self.hypermodel.train_trial(
+              hp, self.distribution_strategy, execution, per_fit,
+              self.shared_head_folder(hp, execution))
       except UserError as e:
         raise _UserErrorInTrial(str(e)) from e
       results.append({**result, "seconds": time.perf_counter() - started})
@@ -217,10 +276,10 @@ def split_hparams_callbacks(callbacks: List) -> Tuple[List, List]:
 
 
 @contextlib.contextmanager
-def once_around_fits(callbacks: List, model: keras.Model):
-  """Runs `callbacks`' train begin and end once, around all of a trial's fits."""
+def once_around_fits(callbacks: List):
+  """Runs `callbacks`' train begin and end once, around all of a trial's
+  fits. The HParams callback reads no model: it logs the trial's values."""
   for callback in callbacks:
-    callback.set_model(model)
     callback.on_train_begin()
   yield
   for callback in callbacks:
@@ -234,15 +293,11 @@ def describe_values(values: Dict) -> str:
                    if not name.startswith("tuner/") or name == "tuner/epochs")
 
 
-def objective_direction(config: Config) -> str:
-  return "min" if config.objective.endswith("loss") else "max"
-
-
 def create_tuner(config: Config, hypermodel: FineTuneHyperModel,
                  strategy) -> FineTuneTuner:
   """The tuner of `--tuner`, its state in WORKDIR/tuner/."""
   common = dict(
-      objective=kt.Objective(config.objective, objective_direction(config)),
+      objective=kt.Objective(config.objective, train.objective_direction(config.objective)),
       seed=config.seed + 1)  # KerasTuner takes seed 0 for "no seed".
   if config.tuner == "hyperband":
     oracle = kt.oracles.HyperbandOracle(
@@ -342,10 +397,10 @@ def run_search(config: Config,
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
   # Bad data fails before any trial; the chief runs none and needs none.
-  num_classes = (0 if role == "chief"
-                 else len(data.create_datasets(config).class_names))
-  tuner = create_tuner(config, FineTuneHyperModel(config, num_classes,
-                                                  build_fn), strategy)
+  if role != "chief":
+    data.create_datasets(config)
+  started = time.perf_counter()
+  tuner = create_tuner(config, FineTuneHyperModel(config, build_fn), strategy)
   if role == "chief":
     # KerasTuner's stop after 3 failed trials in a row, raised in a gRPC
     # call, kills the worker and stalls the chief (keras-tuner#915).
@@ -359,12 +414,14 @@ def run_search(config: Config,
   except RuntimeError as e:
     if "consecutive failures" not in str(e) or role == "worker":
       raise
-    result = write_results(config, tuner.oracle)
+    result = write_results(config, tuner.oracle,
+                           time.perf_counter() - started)
     raise UserError(
         f"The search stopped after {tuner.oracle.max_consecutive_failed_trials}"
         f" failed trials in a row, the last with: {_last_line(str(e))}. Every "
         f"trial's outcome is in {result['report_path']}.") from e
-  result = None if role == "worker" else write_results(config, tuner.oracle)
+  result = (None if role == "worker" else write_results(
+      config, tuner.oracle, time.perf_counter() - started))
   if result and result["best_config"] is None:
     raise UserError(f"No trial completed, so there is no {BEST_CONFIG_FILE}; "
                     f"each trial's error is in {result['report_path']}.")
@@ -405,24 +462,28 @@ def describe_trial(trial, config: Config) -> Dict:
       "seconds": (None if seconds is None
                   else seconds * config.executions_per_trial),
       "metrics": {name: last(name) for name in _METRICS},
+      "head_shared": bool(last("head_shared")),
       "error": _last_line(trial.message),
   }
 
 
-def write_results(config: Config, oracle) -> Dict:
+def write_results(config: Config, oracle, seconds: float) -> Dict:
   """Writes tuning_report.json, and best.cfg when a trial completed;
-  returns the report (`best_config` None when none did)."""
+  returns the report (`best_config` None when none did). `seconds`: the
+  search's wall time in this process."""
   trials = sorted(oracle.trials.values(), key=lambda t: int(t.trial_id))
   best = [t for t in oracle.get_best_trials(1) if t.status == "COMPLETED"]
   best_path = os.path.join(config.workdir, BEST_CONFIG_FILE)
   result = {
       "tuner": config.tuner,
       "objective": {"name": config.objective,
-                    "direction": objective_direction(config)},
+                    "direction": train.objective_direction(config.objective)},
       "search_space": {name: list(bounds) for name, bounds
                        in config.search_ranges().items()},
       "best_trial": best[0].trial_id if best else None,
       "best_config": best_path if best else None,
+      "seconds": seconds,
+      "shared_stage_head": shares_stage_head(config) and not distributed_role(),
       "trials": [describe_trial(t, config) for t in trials],
   }
   result["report_path"] = os.path.join(config.workdir, REPORT_FILE)

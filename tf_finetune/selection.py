@@ -1,0 +1,138 @@
+"""Model selection: the weights kept are those of the best validation epoch
+over both stages, so fine-tuning never leaves a model worse than its head.
+
+`BestWeights` watches the run's objective (`--objective`, validation accuracy
+by default; ties go to the lower validation loss) after every epoch. At the
+end of each stage it puts the best weights so far back into the model: stage
+finetune starts from the best head, not the last one, and the run ends on
+the best epoch of either stage (what is saved, exported and reported).
+
+Only the variables that train in the current stage are copied when an epoch
+improves, which keeps a head epoch on cached features cheap (the head's few
+thousand weights, not ResNet50's 23 million). That is enough because every
+stage starts from the best weights so far and nothing else changes within a
+stage: BatchNormalization is frozen in both stages (stages.py), so its
+moving statistics never move, and a frozen layer's weights never do.
+"""
+
+import math
+from typing import Dict, Optional
+
+import keras
+import numpy as np
+from absl import logging
+
+from tf_finetune import stages
+
+SNAPSHOT_SUFFIX = ".best.npz"
+
+
+class BestWeights(keras.callbacks.Callback):
+  """Keeps the best epoch's weights and restores them at each stage end.
+
+  Must come after the `TwoStageCallback` in the callback list (it snapshots
+  the variables the stage made trainable) and before the checkpointer (so a
+  stage's last checkpoint holds the restored weights).
+
+  Args:
+    plan: the stage plan.
+    monitor: the logs key to watch, e.g. "val_accuracy".
+    mode: "max" or "min".
+    model: the model whose weights are kept, whatever model is being fit
+      (stage head on cached features fits a head model sharing this model's
+      layers).
+  """
+
+  def __init__(self, plan: stages.StagePlan, model: keras.Model,
+               monitor: str = "val_accuracy", mode: str = "max"):
+    super().__init__()
+    self.plan = plan
+    self.monitor = monitor
+    self.sign = 1.0 if mode == "max" else -1.0
+    self._kept_model = model
+    self.best: Optional[Dict] = None  # epoch, stage, value, val_loss.
+    self._values: Dict[str, np.ndarray] = {}
+    self._stage: Optional[str] = None  # The stage the snapshot started in.
+
+  def set_model(self, model):
+    super().set_model(self._kept_model)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    stage = self.plan.stage_at(epoch)
+    if stage != self._stage:
+      # The model holds the best weights so far here (the previous stage
+      # ended by restoring them): these are the variables that move now.
+      self._copy_trainable()
+      self._stage = stage
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    if self.monitor in logs and self._improves(logs):
+      self._copy_trainable()
+      self.best = {"epoch": epoch, "stage": self.plan.stage_at(epoch),
+                   "monitor": self.monitor,
+                   "value": float(logs[self.monitor]),
+                   "val_loss": float(logs.get("val_loss", math.nan))}
+    if (epoch + 1 == self.plan.total_epochs
+        or self.plan.stage_at(epoch + 1) != self.plan.stage_at(epoch)):
+      self.restore(f"end of stage {self.plan.stage_at(epoch)}")
+
+  def on_train_end(self, logs=None):
+    # An early stop (EarlyStopping in a search trial) ends the run before
+    # its last epoch: the trial's model is its best epoch, as in training.
+    if getattr(self.model, "stop_training", False):
+      self.restore("early stop")
+
+  def restore(self, why: str) -> None:
+    """Assigns the best weights to the model (nothing before any best)."""
+    if self.best is None:
+      return
+    for variable in self.model.weights:
+      if variable.path in self._values:
+        variable.assign(self._values[variable.path])
+    logging.info("%s: keeping the weights of epoch %d (stage %s, %s %.4f).",
+                 why.capitalize(), self.best["epoch"] + 1, self.best["stage"],
+                 self.monitor, self.best["value"])
+
+  def _improves(self, logs) -> bool:
+    if self.best is None:
+      return True
+    value = self.sign * float(logs[self.monitor])
+    best = self.sign * self.best["value"]
+    if value != best:
+      return value > best
+    return float(logs.get("val_loss", math.inf)) < self.best["val_loss"]
+
+  def _copy_trainable(self) -> None:
+    for variable in self.model.trainable_variables:
+      self._values[variable.path] = keras.ops.convert_to_numpy(variable)
+
+  # Checkpoints: a resumed run keeps the best of the epochs before it.
+  def state(self) -> Optional[Dict]:
+    """JSON values for a checkpoint pointer (None before any epoch)."""
+    return None if self.best is None else {**self.best, "stage_started":
+                                           self._stage}
+
+  def snapshot_id(self) -> Optional[tuple]:
+    """Changes whenever the values `save_snapshot` writes change."""
+    return None if self.best is None else (self.best["epoch"], self._stage)
+
+  def save_snapshot(self, path: str) -> None:
+    with open(path, "wb") as f:  # A file object: savez would append ".npz".
+      np.savez(f, **{_key(p): v for p, v in self._values.items()})
+
+  def load(self, state: Optional[Dict], path: Optional[str]) -> None:
+    """Continues from `state()` and the file `save_snapshot` wrote."""
+    if state is None:
+      return
+    state = dict(state)
+    self._stage = state.pop("stage_started")
+    self.best = state
+    with np.load(path) as arrays:
+      by_key = {_key(v.path): v.path for v in self._kept_model.weights}
+      self._values = {by_key[k]: arrays[k] for k in arrays.files}
+
+
+def _key(variable_path: str) -> str:
+  # npz keys become file names inside the archive: no slashes.
+  return variable_path.replace("/", "|")
