@@ -72,11 +72,11 @@ class Config:
   test_fraction: float = 0.0
   weights: str = "imagenet"
   backbone: str = "resnet50"
-  head_epochs: int = 5
-  head_learning_rate: float = 1e-3
-  finetune_epochs: int = 5
-  finetune_learning_rate: float = 1e-5
-  unfreeze_blocks: int = 3
+  head_epochs: int = 50
+  head_learning_rate: float = 1e-2
+  finetune_epochs: int = 10
+  finetune_learning_rate: float = 1e-4
+  unfreeze_blocks: int = 16
   dropout: float = 0.2
   label_smoothing: float = 0.0
   augment: Tuple[str, ...] = ("flip", "rotation", "zoom")
