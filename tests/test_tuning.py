@@ -17,12 +17,14 @@ import sys
 import time
 
 import keras
+import keras_tuner as kt
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from tf_finetune import config as config_lib
+from tf_finetune import features
 from tf_finetune import model as model_lib
 from tf_finetune import tuning
 
@@ -434,11 +436,55 @@ def test_bad_search_flags_fail_fast_naming_the_flag(tmp_path, flags, culprit):
   assert "Traceback" not in result.stderr
 
 
-def test_tune_without_search_flags_is_an_error(tmp_path):
-  result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
-                   "--mode=tune", timeout=60)
-  assert result.returncode == 2
-  assert "nothing to search" in result.stderr
+def test_default_search_space_is_valid(tmp_path):
+  config = config_lib.Config(workdir=str(tmp_path), mode="tune").validate()
+  ranges = config.search_ranges()
+  assert set(ranges) == set(config_lib.DEFAULT_SEARCH)
+  for name, (low, high) in ranges.items():
+    in_bounds = config_lib.SEARCHABLE[name][2]
+    assert low < high and in_bounds(low) and in_bounds(high), name
+  # The defaults themselves lie inside the space they are searched in.
+  for name, (low, high) in ranges.items():
+    assert low <= getattr(config, name) <= high, name
+  hp = kt.HyperParameters()
+  tuning.FineTuneHyperModel(config).declare_hyperparameters(hp)
+  assert {p.name for p in hp.space} == set(ranges)
+  # best.cfg records no search flag, so it never restarts a search.
+  assert tuning.shares_stage_head(config)
+
+
+def _count_stage_head_trainings(monkeypatch):
+  calls = []
+  compute = features.CachedHeadStage._compute
+
+  def counting(self):
+    calls.append(1)
+    compute(self)
+  monkeypatch.setattr(features.CachedHeadStage, "_compute", counting)
+  return calls
+
+
+def test_trials_share_one_stage_head_trained_once(images, tmp_path,
+                                                  monkeypatch):
+  calls = _count_stage_head_trainings(monkeypatch)
+  config = make_config(images, tmp_path, max_trials=3, head_epochs=2)
+  report = tuning.run_search(config, build_fn=tiny_build)
+  assert len(calls) == 1
+  assert report["shared_stage_head"] is True and report["seconds"] > 0
+  assert [t["head_shared"] for t in report["trials"]] == [False, True, True]
+  # Every trial reports the same stage head and goes on from it.
+  for trial in report["trials"]:
+    assert trial["epochs"] == {"budget": 3, "run": 3, "head": 2,
+                               "finetune": 1}
+
+
+def test_a_searched_head_hyperparameter_trains_a_head_per_trial(
+    images, tmp_path, monkeypatch):
+  calls = _count_stage_head_trainings(monkeypatch)
+  config = make_config(images, tmp_path, max_trials=2,
+                       search_dropout="0.1:0.5")
+  report = tuning.run_search(config, build_fn=tiny_build)
+  assert len(calls) == 2 and report["shared_stage_head"] is False
 
 
 def test_half_set_distribution_variables_are_an_error(monkeypatch):
