@@ -335,12 +335,12 @@ REPORT_CRASH = textwrap.dedent("""
     import os, signal, sys
     from tf_finetune import report
 
-    class DiesMidway(list):  # json iterates it while writing the file
-      def __iter__(self):
-        yield from ["x" * 100] * 2000  # 200 kB, partly flushed to disk
-        os.kill(os.getpid(), signal.SIGKILL)
+    def dies(handle):  # the new report is written, not yet on disk or renamed
+      os.kill(os.getpid(), signal.SIGKILL)
 
-    report.write_json_atomic(sys.argv[1], {"stages": DiesMidway([0])})
+    os.fsync = dies
+    report.write_report(os.path.dirname(sys.argv[1]),
+                        {"stages": ["x" * 100] * 2000})
 """)
 MODEL_CRASH = textwrap.dedent("""
     import os, signal, sys
@@ -374,7 +374,7 @@ def crash_while_writing(script, path):
 
 def test_crash_while_writing_report_json_keeps_the_previous_one(tmp_path):
   path = tmp_path / "report.json"
-  report.write_json_atomic(str(path), {"class_names": ["a", "b"]})
+  report.write_report(str(tmp_path), {"class_names": ["a", "b"]})
   crash_while_writing(REPORT_CRASH, path)
   with open(path) as f:
     assert json.load(f) == {"class_names": ["a", "b"]}

@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import tensorflow as tf
 
@@ -127,7 +127,8 @@ def write_text_atomic(path: str, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str, value: Any, indent: int = 2) -> None:
+def write_json_atomic(path: str, value: Any,
+                      indent: Optional[int] = 2) -> None:
   """`write_text_atomic` of `value` as JSON. A value that is not JSON
   raises before anything is written."""
   write_text_atomic(path, json.dumps(value, indent=indent) + "\n")
