@@ -1,10 +1,10 @@
 """Atomic, durable writes and safe reads on any file system TensorFlow reads.
 
-Every file tf_finetune writes goes through here: the JSON reports, flags.cfg,
-checkpoints and their pointer, model.keras, the plots, the file-check cache,
-the demo images and the SavedModel versions. A reader (a resuming run, TF
-Serving polling the export folder, a person) sees the previous content or
-the new one, never a mix.
+The JSON reports, flags.cfg, the checkpoints and their pointer, the plots,
+the file-check cache, the demo images and the SavedModel versions are
+written through here. A reader (a resuming run, TF Serving polling the
+export folder, a person) sees the previous content or the new one, never a
+mix.
 
 Local paths (no `scheme://`):
   The content goes to a hidden temporary file beside the target (`.tmp-*`,
