@@ -253,3 +253,50 @@ def test_rejects_class_names_that_do_not_fit_the_model(model, tmp_path):
   with pytest.raises(ValueError, match="duplicates"):
     export.export_saved_model(model, ("a", "b", "a", "c"), SIZE, root)
   assert not os.path.exists(root)
+
+
+def test_a_run_exports_its_model_once(model, tmp_path):
+  """A run killed between its export and its report exports nothing more
+  when rerun: the rerun passes the same run id and gets its version back."""
+  root = str(tmp_path)
+  first = export.export_saved_model(model, CLASS_NAMES, SIZE, root,
+                                    run_id="run-a")
+  before = snapshot(first)
+  again = export.export_saved_model(model, CLASS_NAMES, SIZE, root,
+                                    run_id="run-a")
+  assert again == first and export.list_versions(root) == [1]
+  assert snapshot(first) == before
+  assert export.read_run_id(first) == "run-a"
+  # Another run, the same run with another --top_k, or no run id (mode
+  # export) each get a version of their own.
+  other = export.export_saved_model(model, CLASS_NAMES, SIZE, root,
+                                    run_id="run-b")
+  fewer = export.export_saved_model(model, CLASS_NAMES, SIZE, root, top_k=2,
+                                    run_id="run-a")
+  plain = export.export_saved_model(model, CLASS_NAMES, SIZE, root)
+  assert [other, fewer, plain] == [os.path.join(root, v) for v in "234"]
+  assert export.read_run_id(plain) is None
+  # The newest version of a run is the one it gets back.
+  assert export.export_saved_model(model, CLASS_NAMES, SIZE, root, top_k=2,
+                                   run_id="run-a") == fewer
+
+
+def test_export_to_a_gfile_file_system(model):
+  """An export root on another file system than the local disk (here
+  TensorFlow's in-memory ram://, as gs:// would be) gets whole versions."""
+  root = "ram://test-export-" + os.urandom(8).hex()
+  try:
+    path = export.export_saved_model(model, CLASS_NAMES, SIZE, root,
+                                     run_id="run-a")
+    assert path == root + "/1"
+    assert export.read_class_names(path) == list(CLASS_NAMES)
+    assert export.read_run_id(path) == "run-a"
+    assert [name for name in tf.io.gfile.listdir(root)] == ["1"]
+    images = make_images(2)
+    served = to_numpy(tf.saved_model.load(path).signatures["serving_tensor"](
+        images=tf.constant(images)))
+    assert_matches_model(served, model, images)
+    assert export.export_saved_model(model, CLASS_NAMES, SIZE, root,
+                                     run_id="run-a") == path
+  finally:
+    tf.io.gfile.rmtree(root)

@@ -1,5 +1,6 @@
-"""Fault tolerance: resume after a kill, SIGTERM, NaN, crashes mid-write,
-unsafe model files, and a workdir holding another run's checkpoints.
+"""Fault tolerance: resume after a kill, SIGTERM, SIGINT (Ctrl-C), NaN,
+crashes mid-write, unsafe model files, and a workdir holding another run's
+checkpoints.
 
 The kill/resume chain drives the real command line and the real ResNet50
 (32 px, a local weights file, 18 training images); the rest uses a tiny
@@ -331,6 +332,94 @@ def test_csv_log_keeps_one_row_per_epoch_after_resume(tmp_path):
     assert f.read() == "epoch,loss\n0,1.0\n1,0.9\n"
 
 
+class SendSigint(keras.callbacks.Callback):
+  """Sends SIGINT to this process `times` times after step `step` of
+  `epoch`, as Ctrl-C pressed in the terminal would."""
+
+  def __init__(self, epoch, step, times=1):
+    super().__init__()
+    self.epoch, self.step, self.times, self.current = epoch, step, times, None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.current = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if (self.current, batch + 1) == (self.epoch, self.step):
+      for _ in range(self.times):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_step_and_stops(tmp_path):
+  config = tiny_config(tmp_path, save_every_steps=0)
+  handler = signal.getsignal(signal.SIGINT)
+  with pytest.raises(checkpoints.StoppedBySignal) as raised:
+    run_tiny(config, [SendSigint(epoch=1, step=1)])
+  assert raised.value.exit_code == 130
+  state = checkpoints.read_state(str(tmp_path))
+  assert (state.epoch, state.step) == (1, 1)
+  assert str(raised.value).startswith(
+      "stopped by SIGINT; checkpoint saved at epoch 2/3, step 1 in ")
+  assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
+def test_ctrl_c_twice_stops_at_once_keeping_the_last_checkpoint(tmp_path):
+  config = tiny_config(tmp_path, save_every_steps=0)
+  with pytest.raises(KeyboardInterrupt):
+    run_tiny(config, [SendSigint(epoch=1, step=1, times=2)])
+  state = checkpoints.read_state(str(tmp_path))
+  assert (state.epoch, state.step) == (1, 0)  # the end of epoch 1
+  assert not [name for name in os.listdir(tmp_path / "checkpoints")
+              if name.startswith(".tmp-")]
+
+
+def test_ignored_sigint_stays_ignored(tmp_path):
+  # How a shell starts a job in the background: Ctrl-C is not for it.
+  config = tiny_config(tmp_path, save_every_steps=0)
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    _, callback = run_tiny(config, [SendSigint(epoch=1, step=1)])
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert [len(r["history"]["loss"]) for r in callback.stage_reports()] == [
+      1, 2]
+
+
+def test_a_run_keeps_its_id_across_resumptions_and_fresh_starts_anew(
+    tmp_path):
+  """The id the export records: a rerun after a kill must find the version
+  it exported, and a new run must not take another run's version."""
+  config = tiny_config(tmp_path, save_every_steps=0)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [CrashAt(epoch=1, step=2)])
+  run_id = checkpoints.read_run_id(str(tmp_path))
+  assert run_id
+  # Resumed and completed: every later checkpoint carries the same id.
+  with pytest.raises(RuntimeError, match="after the last epoch"):
+    run_tiny(config, [CrashAtEnd()], resume=checkpoints.check_workdir(config))
+  assert checkpoints.read_state(str(tmp_path)).epoch == 3
+  assert checkpoints.read_run_id(str(tmp_path)) == run_id
+  # A new run in the same workdir.
+  fresh = tiny_config(tmp_path, save_every_steps=0, fresh=True)
+  assert checkpoints.prepare_workdir(fresh) is None
+  assert checkpoints.read_run_id(str(tmp_path)) is None
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(fresh, [CrashAt(epoch=1, step=2)])
+  assert checkpoints.read_run_id(str(tmp_path)) not in (None, run_id)
+
+
+def test_refusal_names_each_changed_flag():
+  stored = {"image_size": 32, "seed": 1, "dropout": 0.2, "removed": 1}
+  current = {"image_size": 48, "seed": 1, "dropout": 0.5, "added": 2}
+  assert checkpoints.changed_flags(stored, current) == [
+      "--dropout was 0.2, now 0.5", "--image_size was 32, now 48"]
+  with pytest.raises(config_lib.UserError) as raised:
+    checkpoints.refuse_changed_flags(stored, current, holder="W holds X",
+                                     remedy="Pass --fresh.")
+  assert str(raised.value) == ("W holds X (--dropout was 0.2, now 0.5; "
+                               "--image_size was 32, now 48). Pass --fresh.")
+  checkpoints.refuse_changed_flags(stored, {"seed": 1}, "W", "R")  # no change
+
+
 # ------------------------------------------------------- crash mid-write
 
 # Each script kills its own process with SIGKILL halfway through a write:
@@ -339,12 +428,12 @@ REPORT_CRASH = textwrap.dedent("""
     import os, signal, sys
     from tf_finetune import report
 
-    class DiesMidway(list):  # json iterates it while writing the file
-      def __iter__(self):
-        yield from ["x" * 100] * 2000  # 200 kB, partly flushed to disk
-        os.kill(os.getpid(), signal.SIGKILL)
+    def dies(handle):  # the new report is written, not yet on disk or renamed
+      os.kill(os.getpid(), signal.SIGKILL)
 
-    report.write_json_atomic(sys.argv[1], {"stages": DiesMidway([0])})
+    os.fsync = dies
+    report.write_report(os.path.dirname(sys.argv[1]),
+                        {"stages": ["x" * 100] * 2000})
 """)
 MODEL_CRASH = textwrap.dedent("""
     import os, signal, sys
@@ -378,7 +467,7 @@ def crash_while_writing(script, path):
 
 def test_crash_while_writing_report_json_keeps_the_previous_one(tmp_path):
   path = tmp_path / "report.json"
-  report.write_json_atomic(str(path), {"class_names": ["a", "b"]})
+  report.write_report(str(tmp_path), {"class_names": ["a", "b"]})
   crash_while_writing(REPORT_CRASH, path)
   with open(path) as f:
     assert json.load(f) == {"class_names": ["a", "b"]}
@@ -435,9 +524,11 @@ TOTAL = HEAD_EPOCHS + FINETUNE_EPOCHS
 
 
 def start_cli(*flags):
+  # SIGINT as in a terminal's foreground job, whatever the test runner got.
   return subprocess.Popen(
       [sys.executable, "-m", "tf_finetune.main", *flags], cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def poll_state(workdir, process, condition, timeout=900):
@@ -451,6 +542,11 @@ def poll_state(workdir, process, condition, timeout=900):
     time.sleep(0.05)
   process.kill()
   raise AssertionError("timed out waiting for a checkpoint")
+
+
+def progress(state):
+  """(epoch, step): later checkpoints compare greater."""
+  return state.epoch, state.step
 
 
 def finish(process, timeout=900):
@@ -485,12 +581,14 @@ def write_images(root):
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory, weights_file):
-  """One run stopped three ways, then completed:
+  """One run stopped four ways, then completed:
 
   1. SIGTERM during stage "head", after its first checkpoint;
-  2. the same command resumes, and gets SIGKILL during stage "finetune";
-  3. the same command with another --image_size is refused;
-  4. the same command resumes and completes.
+  2. the same command resumes, and gets SIGINT (Ctrl-C) after its first
+     checkpoint;
+  3. the same command resumes, and gets SIGKILL during stage "finetune";
+  4. the same command with another --image_size is refused;
+  5. the same command resumes and completes.
   """
   base = tmp_path_factory.mktemp("killed")
   workdir, images = str(base / "work"), str(base / "images")
@@ -510,8 +608,16 @@ def killed_and_resumed(tmp_path_factory, weights_file):
   runs["after_sigterm"] = checkpoints.read_state(workdir)
 
   process = start_cli(*command)
-  runs["in_finetune"] = poll_state(workdir, process,
-                                   lambda s: s.stage == "finetune")
+  poll_state(workdir, process, lambda s: progress(s) > progress(
+      runs["after_sigterm"]))
+  process.send_signal(signal.SIGINT)
+  runs["sigint"] = finish(process)
+  runs["after_sigint"] = checkpoints.read_state(workdir)
+
+  process = start_cli(*command)
+  runs["in_finetune"] = poll_state(
+      workdir, process, lambda s: s.stage == "finetune"
+      and progress(s) > progress(runs["after_sigint"]))
   process.kill()  # SIGKILL
   runs["sigkill"] = finish(process)
   runs["after_sigkill"] = checkpoints.read_state(workdir)
@@ -541,8 +647,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(killed_and_resumed):
   assert f"tf_finetune: stopped by SIGTERM; checkpoint saved {position}" in err
   assert state.stage == "head"
   # The next run resumed from exactly there.
-  _, _, err = runs["sigkill"]
+  _, _, err = runs["sigint"]
   assert f"{position} (stage 'head')" in err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_with_130(killed_and_resumed):
+  workdir, runs = killed_and_resumed
+  code, _, err = runs["sigint"]
+  state = runs["after_sigint"]
+  assert code == 130, err[-3000:]
+  assert "Traceback" not in err
+  where = checkpoints.describe_position(state.epoch, state.step, TOTAL)
+  lines = [line for line in err.splitlines() if line.startswith("tf_finetune")]
+  assert lines == [f"tf_finetune: stopped by SIGINT; checkpoint saved {where} "
+                   f"in {workdir}/checkpoints. Rerun the same command "
+                   "to resume."]
+  assert progress(state) > progress(runs["after_sigterm"])
+  # The next run resumed from exactly there.
+  _, _, err = runs["sigkill"]
+  assert f"{where} (stage '{state.stage}')" in err
 
 
 def test_sigkill_in_finetune_then_rerun_completes_every_epoch(
@@ -581,11 +704,11 @@ def test_resumed_report_describes_both_stages(killed_and_resumed):
   assert finetune["history"]["learning_rate"] == pytest.approx(
       [5e-5, 0.0], abs=1e-9)
   assert finetune["trainable_params"] > head["trainable_params"]
-  killed_at = runs["after_sigkill"]
-  assert finetune["resumed_at"][-1] == {"epoch": killed_at.epoch,
-                                        "step": killed_at.step}
-  assert head["resumed_at"] == [{"epoch": runs["after_sigterm"].epoch,
-                                 "step": runs["after_sigterm"].step}]
+  # Each resumption, in the stage it resumed in.
+  resumed = [{"epoch": runs[name].epoch, "step": runs[name].step}
+             for name in ("after_sigterm", "after_sigint", "after_sigkill")]
+  assert head.get("resumed_at", []) + finetune["resumed_at"] == resumed
+  assert head["resumed_at"][0] == resumed[0]
 
 
 def test_frozen_layers_are_bit_identical_to_the_loaded_weights(

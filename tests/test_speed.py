@@ -1,5 +1,5 @@
 """Speed switches: stage head on cached features, mixed precision, XLA and
-flag checks (issue 8). Real ResNet50 at 32 px, weights=none, few images."""
+flag checks. Real ResNet50 at 32 px, weights=none, few images."""
 
 import json
 import os

@@ -5,9 +5,9 @@ Layout of WORKDIR/checkpoints/ (removed once a run has written its report):
   checkpoint.json           the pointer: which weights file is current, the
                             position it was saved at (epoch, step), the stage
                             its optimizer belongs to, the stage records so
-                            far and the run's fingerprint. Replaced
+                            far, the run's fingerprint and its id. Replaced
                             atomically, and only after the file it names is
-                            complete on disk.
+                            complete on disk (files.py).
   ckpt-EEEE-SSSSSS.weights.h5
                             Keras weights file: every model variable
                             (BatchNorm statistics and the dropout seed state
@@ -31,22 +31,23 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
-import tempfile
-from typing import Dict, List, Optional, Sequence
+import uuid
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 from absl import logging
 
-from tf_finetune import stages
+from tf_finetune import files, stages
 from tf_finetune.config import Config, Preempted, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER_FILE = "checkpoint.json"
 _FORMAT = 1
-_TEMP_PREFIX = ".tmp-"
+# Signals that mean "save a checkpoint and stop": a scheduler's preemption
+# or `kill` (SIGTERM), Ctrl-C in the terminal (SIGINT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Flags that may change between a run and its resumption: where things go
 # and how fast they run, not what is trained. Every other Config field is
 # part of the fingerprint, so a flag added later is protected by default.
@@ -58,6 +59,20 @@ RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
 
 class TrainingDiverged(UserError):
   """The loss or the weights became NaN or infinite."""
+
+
+class StoppedBySignal(Preempted):
+  """A stop signal ended training after a checkpoint; rerunning resumes.
+
+  Attributes:
+    exit_code: 128 + the signal's number, the shell's code for a process
+      ended by that signal (143 for SIGTERM, 130 for SIGINT): schedulers
+      see an unfinished job and restart it.
+  """
+
+  def __init__(self, message: str, signal_number: int):
+    super().__init__(message)
+    self.exit_code = 128 + signal_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +87,9 @@ class TrainingState:
     file: the weights file's name inside the checkpoint folder.
     num_optimizer_variables: how many variables the saved optimizer has.
     fingerprint: the run-defining flags (`fingerprint`).
+    run_id: the same for every checkpoint of one run, resumptions included;
+      a new run (a fresh start, --fresh) gets a new one. "" when a pointer
+      has none: its run is then not recognised by its export.
     best: the best epoch so far (`selection.BestWeights.state`), or None.
     best_file: the file of its weights inside the checkpoint folder.
   """
@@ -82,6 +100,7 @@ class TrainingState:
   file: str
   num_optimizer_variables: int
   fingerprint: Dict
+  run_id: str = ""
   best: Optional[Dict] = None
   best_file: Optional[str] = None
 
@@ -90,26 +109,58 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR)
 
 
-def fingerprint(config: Config) -> Dict:
-  """The flags that define what a run trains, as JSON values."""
+def fingerprint(config: Config,
+                resumable: Iterable[str] = RESUMABLE_CHANGES) -> Dict:
+  """The flags that define what a run computes, as JSON values: every
+  Config field except those named in `resumable`."""
+  resumable = frozenset(resumable)
   values = dataclasses.asdict(config)
   return json.loads(json.dumps(
-      {k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}))
+      {k: v for k, v in values.items() if k not in resumable}))
+
+
+def changed_flags(stored: Mapping[str, Any],
+                  current: Mapping[str, Any]) -> List[str]:
+  """'--NAME was A, now B' for each flag of both fingerprints whose value
+  differs, by name. A flag only one of them has is not a change: it was
+  added or removed by another version of tf_finetune."""
+  return [f"--{name} was {stored[name]!r}, now {current[name]!r}"
+          for name in sorted(current)
+          if name in stored and stored[name] != current[name]]
+
+
+def refuse_changed_flags(stored: Mapping[str, Any], current: Mapping[str, Any],
+                         holder: str, remedy: str) -> None:
+  """Refuses to continue work begun with other run-defining flags.
+
+  Args:
+    stored: the fingerprint the work was begun with.
+    current: the fingerprint of this invocation (`fingerprint`).
+    holder: what holds the work, e.g. "--workdir='w' holds the checkpoints
+      of a different run".
+    remedy: the sentences that say how to go on.
+
+  Raises:
+    UserError: "{holder} (--a was 1, now 2; ...). {remedy}" when
+      `changed_flags` finds a difference.
+  """
+  changed = changed_flags(stored, current)
+  if changed:
+    raise UserError(f"{holder} ({'; '.join(changed)}). {remedy}")
 
 
 def read_state(workdir: str) -> Optional[TrainingState]:
   """The state of WORKDIR's last checkpoint, or None when there is none."""
   path = os.path.join(checkpoint_dir(workdir), POINTER_FILE)
-  if not os.path.isfile(path):
+  if not files.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      payload = json.load(f)
+    payload = files.read_json(path)
     if payload.get("format") != _FORMAT:
       raise ValueError(f"unknown format {payload.get('format')!r}")
     payload.pop("format")
     return TrainingState(**payload)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, AttributeError) as e:
     raise UserError(f"--workdir={workdir!r}: {path} is not a checkpoint "
                     f"pointer this version can read ({e}). Pass --fresh to "
                     "delete the checkpoints and start over.") from e
@@ -127,22 +178,30 @@ def check_workdir(config: Config) -> Optional[TrainingState]:
   state = read_state(config.workdir)
   if state is None:
     return None
-  current = fingerprint(config)
-  changed = [f"--{k} was {state.fingerprint[k]!r}, now {current[k]!r}"
-             for k in sorted(current) if k in state.fingerprint
-             and state.fingerprint[k] != current[k]]
-  if changed:
-    raise UserError(
-        f"--workdir={config.workdir!r} holds the checkpoints of a different "
-        f"run ({'; '.join(changed)}). Rerun with that run's flags (its "
-        "flags.cfg) to resume it, choose another --workdir, or pass --fresh "
-        "to delete its checkpoints and start over.")
+  refuse_changed_flags(
+      state.fingerprint, fingerprint(config),
+      holder=f"--workdir={config.workdir!r} holds the checkpoints of a "
+      "different run",
+      remedy="Rerun with that run's flags (its flags.cfg) to resume it, "
+      "choose another --workdir, or pass --fresh to delete its checkpoints "
+      "and start over.")
   return state
+
+
+def read_run_id(workdir: str) -> Optional[str]:
+  """The id of the run whose checkpoints are in WORKDIR, or None.
+
+  The export records it (export.export_saved_model's `run_id`), so a run
+  killed after exporting and rerun finds its version instead of exporting
+  another: the rerun resumes from the same checkpoints, hence the same id.
+  """
+  state = read_state(workdir)
+  return state.run_id if state is not None and state.run_id else None
 
 
 def prepare_workdir(config: Config) -> Optional[TrainingState]:
   """Like `check_workdir`, but --fresh also deletes the old checkpoints."""
-  if config.fresh and os.path.isdir(checkpoint_dir(config.workdir)):
+  if config.fresh and files.isdir(checkpoint_dir(config.workdir)):
     logging.info("--fresh: deleting %s", checkpoint_dir(config.workdir))
     remove_checkpoints(config.workdir)
   return check_workdir(config)
@@ -152,10 +211,8 @@ def remove_checkpoints(workdir: str) -> None:
   """Deletes the checkpoints, the pointer first: a kill midway leaves no
   pointer to a missing file."""
   folder = checkpoint_dir(workdir)
-  pointer = os.path.join(folder, POINTER_FILE)
-  if os.path.exists(pointer):
-    os.remove(pointer)
-  shutil.rmtree(folder, ignore_errors=True)
+  files.remove(os.path.join(folder, POINTER_FILE))
+  files.remove_tree(folder)
 
 
 def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
@@ -163,8 +220,9 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
   """Puts `model` in the saved stage, then loads weights and optimizer from
   the checkpoint `folder`.
 
-  The order matters (DESIGN.md, trap 2): the optimizer must be built on the
-  stage's trainable variables before its saved variables can be loaded.
+  The order matters: the optimizer must be built on the stage's trainable
+  variables before its saved variables can be loaded, because a Keras 3
+  optimizer refuses variables it was not built with (ARCHITECTURE.md).
   """
   stages.apply_stage(model, plan, state.stage)
   num_variables = len(model.optimizer.variables)
@@ -239,53 +297,18 @@ def trim_csv_log(path: str, first_epoch: int) -> None:
   They were logged after the checkpoint being resumed from and are trained
   again, so the log keeps one row per epoch.
   """
-  if not os.path.isfile(path):
+  if not files.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  lines = files.read_text(path).splitlines()
   if not lines:
     return
   kept = [lines[0]] + [line for line in lines[1:]
                        if line and int(line.split(",", 1)[0]) < first_epoch]
-  write_text_atomic(path, "\n".join(kept) + "\n")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temp file beside `path`, syncs it, renames it into
-  place and syncs the folder: after a crash, or a power cut, `path` holds
-  the old or the new text, never a mix."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TEMP_PREFIX,
-                             suffix=os.path.basename(path))
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  _sync_folder(folder)
-
-
-def _sync_folder(folder: str) -> None:
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _sync_file(path: str) -> None:
-  with open(path, "rb") as f:
-    os.fsync(f.fileno())
+  files.write_text_atomic(path, "\n".join(kept) + "\n")
 
 
 class Checkpointer(keras.callbacks.Callback):
-  """Saves the training state; stops on a non-finite loss or on SIGTERM.
+  """Saves the training state; stops on a non-finite loss, SIGTERM, SIGINT.
 
   A checkpoint is written at the end of every epoch and, with
   `save_every_steps=N`, after every N-th training step (counted over the
@@ -294,9 +317,14 @@ class Checkpointer(keras.callbacks.Callback):
   checkpoint, written before it, stays the newest. A checkpoint is never
   written with non-finite weights either.
 
-  Inside `catch_sigterm()`, SIGTERM only sets a flag; the next step end
-  saves a checkpoint and raises `Preempted` (after an epoch's last step,
-  the epoch's validation runs first).
+  Inside `catch_stop_signals()`, SIGTERM and SIGINT (Ctrl-C) only set a
+  flag; the next step end saves a checkpoint and raises `StoppedBySignal`
+  (after an epoch's last step, the epoch's validation runs first). A second
+  Ctrl-C while waiting for that raises KeyboardInterrupt at once, keeping
+  the checkpoint before.
+
+  Every checkpoint carries the run id (`read_run_id`): a new one for a run
+  started from scratch, the resumed checkpoint's otherwise.
 
   Args:
     workdir: the run's WORKDIR.
@@ -335,15 +363,17 @@ class Checkpointer(keras.callbacks.Callback):
     self._pending_offset = start.step if start else 0
     self._offset = 0
     self._epoch = start.epoch if start else 0
-    self._sigterm = False
+    self.run_id = start.run_id if start and start.run_id else uuid.uuid4().hex
+    self.stop_signal: Optional[int] = None
 
   def set_model(self, model):
     super().set_model(model if self._saved_model is None
                       else self._saved_model)
 
-  def catch_sigterm(self):
-    """Context manager: SIGTERM means "checkpoint and stop" while inside."""
-    return _SigtermFlag(self)
+  def catch_stop_signals(self):
+    """Context manager: SIGTERM and SIGINT mean "checkpoint and stop" while
+    inside; the previous handlers are restored on exit."""
+    return _StopSignals(self)
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -355,45 +385,39 @@ class Checkpointer(keras.callbacks.Callback):
     self._check_loss(logs, step)
     if step >= self.steps_per_epoch:
       return  # on_epoch_end saves after validation.
-    if self._sigterm:
+    if self.stop_signal is not None:
       self.save(self._epoch, step)
-      self._raise_preempted(self._epoch, step)
+      self._raise_stopped(self._epoch, step)
     global_step = self._epoch * self.steps_per_epoch + step
     if self.save_every_steps and global_step % self.save_every_steps == 0:
       self.save(self._epoch, step)
 
   def on_epoch_end(self, epoch, logs=None):
-    if self._sigterm or epoch not in self.unsaved_epochs:
+    stopping = self.stop_signal is not None
+    if stopping or epoch not in self.unsaved_epochs:
       self.save(epoch + 1, 0)
-    if self._sigterm:
-      self._raise_preempted(epoch + 1, 0)
+    if stopping:
+      self._raise_stopped(epoch + 1, 0)
 
   def save(self, epoch: int, step: int) -> None:
     """Writes the weights file, then the pointer naming it, then deletes
     the files no pointer names."""
     stage = self.stage_callback.stage
     self._check_weights(epoch, step)
-    os.makedirs(self.folder, exist_ok=True)
     name = f"ckpt-{epoch:04d}-{step:06d}.weights.h5"
-    # Keras insists on the .weights.h5 ending, so the marker is a prefix.
-    tmp = os.path.join(self.folder, f"{_TEMP_PREFIX}{os.getpid()}-{name}")
-    try:
-      self.model.save_weights(tmp)
-      _sync_file(tmp)
-      os.replace(tmp, os.path.join(self.folder, name))
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    with files.atomic_output(os.path.join(self.folder, name)) as temp:
+      self.model.save_weights(temp)
     self._save_best(epoch, step)
     state = TrainingState(
         epoch=epoch, step=step, stage=stage,
         records=self.stage_callback.records_state(), file=name,
         num_optimizer_variables=len(self.model.optimizer.variables),
-        fingerprint=self.fingerprint,
+        fingerprint=self.fingerprint, run_id=self.run_id,
         best=self.best.state() if self.best else None,
         best_file=self._best_file)
-    write_text_atomic(os.path.join(self.folder, POINTER_FILE), json.dumps(
-        {"format": _FORMAT, **dataclasses.asdict(state)}, indent=1))
+    files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
+                            {"format": _FORMAT, **dataclasses.asdict(state)},
+                            indent=1)
     self._remove_other_files(name, self._best_file)
 
   def _save_best(self, epoch: int, step: int) -> None:
@@ -402,20 +426,14 @@ class Checkpointer(keras.callbacks.Callback):
     if self.best is None or self.best.snapshot_id() in (None, self._best_id):
       return
     name = f"best-{epoch:04d}-{step:06d}.npz"
-    tmp = os.path.join(self.folder, f"{_TEMP_PREFIX}{os.getpid()}-{name}")
-    try:
-      self.best.save_snapshot(tmp)
-      _sync_file(tmp)
-      os.replace(tmp, os.path.join(self.folder, name))
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    with files.atomic_output(os.path.join(self.folder, name)) as temp:
+      self.best.save_snapshot(temp)
     self._best_file, self._best_id = name, self.best.snapshot_id()
 
   def _remove_other_files(self, *kept: str) -> None:
-    for name in os.listdir(self.folder):
+    for name in files.listdir(self.folder):
       if name not in (*kept, POINTER_FILE):
-        os.remove(os.path.join(self.folder, name))
+        files.remove(os.path.join(self.folder, name))
 
   def _where(self, epoch: int, step: int) -> str:
     return (f"stage {self.plan.stage_at(epoch)!r}, epoch {epoch + 1}/"
@@ -450,34 +468,55 @@ class Checkpointer(keras.callbacks.Callback):
           f"{stage!r}, {position}. {self._kept()} Lower "
           f"--{stage}_learning_rate and rerun with --fresh.")
 
-  def _raise_preempted(self, epoch: int, step: int) -> None:
+  def _raise_stopped(self, epoch: int, step: int) -> None:
     position = describe_position(epoch, step, self.plan.total_epochs)
-    raise Preempted(
-        f"stopped by SIGTERM; checkpoint saved {position} in {self.folder}. "
-        "Rerun the same command to resume.")
+    name = signal.Signals(self.stop_signal).name
+    raise StoppedBySignal(
+        f"stopped by {name}; checkpoint saved {position} in {self.folder}. "
+        "Rerun the same command to resume.", self.stop_signal)
 
 
-class _SigtermFlag:
-  """Routes SIGTERM to the checkpointer's flag; restores the old handler."""
+class _StopSignals:
+  """Routes STOP_SIGNALS to a checkpointer's `stop_signal`; restores the
+  previous handlers on exit.
+
+  SIGINT is left alone when it is ignored on entry, as Python itself does:
+  a shell starts background jobs that way so that Ctrl-C, meant for the
+  foreground program, does not reach them.
+  """
 
   def __init__(self, checkpointer: Checkpointer):
     self.checkpointer = checkpointer
-    self.previous = None
+    self.previous = {}
 
   def __enter__(self):
-    def handle(signum, frame):
-      logging.warning("SIGTERM: saving a checkpoint after this step.")
-      self.checkpointer._sigterm = True
-    try:
-      self.previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # Not the main thread: signals cannot be caught.
-      logging.warning("Not in the main thread: SIGTERM will not checkpoint.")
+    for number in STOP_SIGNALS:
+      if number == signal.SIGINT and (
+          signal.getsignal(number) == signal.SIG_IGN):
+        continue
+      try:
+        self.previous[number] = signal.signal(number, self._handle)
+      except ValueError:  # Not the main thread: signals cannot be caught.
+        logging.warning("Not in the main thread: SIGTERM and SIGINT will "
+                        "not checkpoint.")
+        break
     return self
 
   def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for number, handler in self.previous.items():
+      signal.signal(number, handler)
     return False
+
+  def _handle(self, number, frame):
+    del frame
+    if self.checkpointer.stop_signal is None:
+      self.checkpointer.stop_signal = number
+      logging.warning("%s: saving a checkpoint after this step%s.",
+                      signal.Signals(number).name,
+                      " (press Ctrl-C again to stop at once, without it)"
+                      if number == signal.SIGINT else "")
+    elif number == signal.SIGINT:
+      raise KeyboardInterrupt
 
 
 class EpochProgress(keras.callbacks.ProgbarLogger):

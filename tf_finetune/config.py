@@ -51,7 +51,8 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-  """SIGTERM stopped training after a checkpoint; rerunning resumes it."""
+  """A stop signal (SIGTERM, or SIGINT: checkpoints.StoppedBySignal) ended
+  training after a checkpoint; rerunning resumes it."""
 
 # Config fields that describe an action of one invocation, not the run:
 # flags.cfg leaves them out, so reusing it as --flagfile never wipes
@@ -220,7 +221,7 @@ class Config:
            "--early_stopping_patience: must be >= 0 (0: off).")
 
   def _check_speed_switches(self) -> None:
-    """XLA, precision and stage-1 feature caching (issue 8)."""
+    """XLA, precision and stage-1 feature caching."""
     for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
                           ("mixed_precision", MIXED_PRECISION_CHOICES)):
       value = getattr(self, name)

@@ -14,12 +14,12 @@ existing folder is reused as is.
 """
 
 import os
-import shutil
-import tempfile
 from typing import Callable, Dict, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+from tf_finetune import files
 
 DEMO_VERSION = "demo-v1"
 IMAGE_SIZE = 64
@@ -109,21 +109,21 @@ def write_demo_images(folder: str) -> None:
   rng = np.random.default_rng(_GENERATOR_SEED)
   for class_name in sorted(_CLASS_COLOURS):
     class_dir = os.path.join(folder, class_name)
-    os.makedirs(class_dir)
+    files.makedirs(class_dir)
     for index in range(IMAGES_PER_CLASS):
       png = tf.io.encode_png(draw_image(class_name, rng)).numpy()
-      path = os.path.join(class_dir, f"{class_name}_{index:03d}.png")
-      with open(path, "wb") as f:
-        f.write(png)
+      files.write_bytes(
+          os.path.join(class_dir, f"{class_name}_{index:03d}.png"), png)
 
 
 def ensure_demo_dataset(data_dir: str = "") -> str:
   """Returns the folder of the demo dataset, generating it on first use.
 
-  Generation writes into a temporary sibling folder and renames it into
-  place, so an interrupted run never leaves a half-written dataset that a
-  later run would take for complete. If two processes generate at once, the
-  first rename wins and the other discards its copy.
+  Generation writes into a temporary sibling folder and moves it into
+  place whole (files.move_folder_into_place), so an interrupted run never
+  leaves a half-written dataset that a later run would take for complete.
+  If two processes generate at once, the first move wins and the other
+  discards its copy.
 
   Args:
     data_dir: where to keep it; default `~/.cache/tf_finetune`.
@@ -133,18 +133,14 @@ def ensure_demo_dataset(data_dir: str = "") -> str:
   """
   root = data_dir or os.path.expanduser("~/.cache/tf_finetune")
   folder = os.path.join(root, DEMO_VERSION)
-  if os.path.isdir(folder):
+  if files.isdir(folder):
     return folder
-  os.makedirs(root, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=root)
-  try:
+  with files.temp_folder(root) as staging:
     write_demo_images(staging)
-    os.rename(staging, folder)
-  except OSError:
-    if not os.path.isdir(folder):  # Not a lost race: a real failure.
-      raise
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+      files.move_folder_into_place(staging, folder)
+    except FileExistsError:
+      pass  # Another process generated the same images first.
   return folder
 
 

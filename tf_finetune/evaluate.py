@@ -10,7 +10,6 @@ pass over the split, so every number in the file comes from the same
 predictions.
 """
 
-import json
 import os
 from typing import Dict, Sequence, Tuple
 
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, plots, report, train
+from tf_finetune import data, files, plots, report, train
 from tf_finetune.config import Config, UserError
 
 EVALUATION_FILE = "evaluation.json"
@@ -47,8 +46,8 @@ def run_evaluation(config: Config) -> Dict:
   labels, probabilities = predict_dataset(model, getattr(datasets, split))
   result = {"split": split, "num_examples": int(len(labels)),
             **compute_metrics(labels, probabilities, datasets.class_names)}
-  report.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
-                           result)
+  files.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
+                          result)
   plots.write_confusion_matrix(
       np.array(result["confusion_matrix"]), datasets.class_names,
       os.path.join(config.workdir, plots.CONFUSION_MATRIX_FILE),
@@ -167,7 +166,6 @@ def _check_classes(model: keras.Model, class_names: Sequence[str],
 def _trained_class_names(workdir: str):
   """Class names from report.json, or None without one."""
   path = os.path.join(workdir, report.REPORT_FILE)
-  if not os.path.isfile(path):
+  if not files.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f).get("class_names")
+  return files.read_json(path).get("class_names")

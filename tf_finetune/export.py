@@ -12,25 +12,28 @@ Each version has two signatures with the same outputs (`probabilities`,
 Class names are a constant in the graph (served answers need no file) and
 also files under `assets/` for people and tools reading the folder.
 
-A version is written into a hidden temporary folder beside it and renamed
-into place, so TF Serving (which polls the folder) never sees half a model.
+A version is written into a hidden temporary folder beside it and moved
+into place whole (files.move_folder_into_place), so TF Serving (which polls
+the folder) never sees half a model on a local disk.
+
+A training run that passes its run id (checkpoints.read_run_id) has it
+recorded in `assets/run_id.txt`; killed after its export and rerun, it
+finds its own version and exports no second one.
 """
 
-import errno
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
-from tf_finetune import data
+from tf_finetune import data, files
 
 CLASS_NAMES_FILE = "class_names.txt"
 METADATA_FILE = "metadata.json"
-_TEMP_PREFIX = ".tmp-"
+RUN_ID_FILE = "run_id.txt"
 # Another writer may take the chosen version number between listing and
 # renaming; we then move on to the next number, a few times at most.
 _RENAME_ATTEMPTS = 5
@@ -38,8 +41,9 @@ _RENAME_ATTEMPTS = 5
 
 def export_saved_model(model: keras.Model, class_names: Sequence[str],
                        image_size: int, export_root: str,
-                       top_k: int = 5) -> str:
-  """Writes a new version `export_root/<N>/` and returns its path.
+                       top_k: int = 5, run_id: Optional[str] = None) -> str:
+  """Writes a new version `export_root/<N>/`, unless run `run_id` exported
+  one already, and returns its path.
 
   N is one more than the highest existing integer version (1 if none).
   Nothing partial is ever visible: on any error the temporary folder is
@@ -53,27 +57,41 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
       to it in the serving graph.
     export_root: folder holding the versions; created if missing.
     top_k: number of classes in `classes` and `scores` (capped at C).
+    run_id: the training run this model ends (checkpoints.read_run_id). If
+      a version of `export_root` was exported by that run with the same
+      top K, its path is returned and nothing is written; None: always a
+      new version (`--mode=export`).
 
   Returns:
-    The path of the new version folder.
+    The path of the version folder.
   """
   class_names = [str(name) for name in class_names]
   _check_arguments(model, class_names, image_size, top_k)
-  os.makedirs(export_root, exist_ok=True)
-  temp_dir = tempfile.mkdtemp(
-      prefix=f"{_TEMP_PREFIX}{next_version(export_root)}-", dir=export_root)
-  try:
+  k = min(top_k, len(class_names))
+  if run_id:
+    existing = find_version_of_run(export_root, run_id, k)
+    if existing is not None:
+      logging.info("%s was exported by this run already; not exporting "
+                   "again.", existing)
+      return existing
+  files.makedirs(export_root)
+  with files.temp_folder(export_root) as temp_dir:
     archive = build_export_archive(model, class_names, image_size, top_k)
     archive.write_out(temp_dir, verbose=False)
-    _write_assets(temp_dir, class_names, image_size,
-                  min(top_k, len(class_names)))
-    # mkdtemp makes the folder private (0700); a server running as another
-    # user (TF Serving's container) must be able to read the version.
-    os.chmod(temp_dir, 0o755)
+    _write_assets(temp_dir, class_names, image_size, k, run_id)
     return _move_into_place(temp_dir, export_root)
-  except BaseException:  # Also Ctrl-C: leave no half-written folder behind.
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    raise
+
+
+def find_version_of_run(export_root: str, run_id: str,
+                        top_k: int) -> Optional[str]:
+  """The newest version under `export_root` that run `run_id` exported with
+  `top_k` classes per answer, or None."""
+  for version in reversed(list_versions(export_root)):
+    path = os.path.join(export_root, str(version))
+    if (read_run_id(path) == run_id
+        and read_metadata(path).get("top_k") == top_k):
+      return path
+  return None
 
 
 def build_export_archive(model: keras.Model, class_names: Sequence[str],
@@ -82,7 +100,8 @@ def build_export_archive(model: keras.Model, class_names: Sequence[str],
   """Returns an ExportArchive with the two serving signatures, not written.
 
   ExportArchive, not `tf.saved_model.save(model)`: the latter loses the
-  signature names of a Keras 3 model (DESIGN.md, trap 6).
+  signature, input and output names of a Keras 3 model
+  (keras-team/keras#19458; ARCHITECTURE.md).
   """
   predict = _make_predict_fn(model, class_names, top_k)
 
@@ -121,9 +140,9 @@ def list_versions(export_root: str) -> List[int]:
   Only all-digit names count, as in TF Serving: temporary folders
   (`.tmp-...`) and stray files such as `README` are not versions.
   """
-  if not os.path.isdir(export_root):
+  if not files.isdir(export_root):
     return []
-  return sorted(int(name) for name in os.listdir(export_root)
+  return sorted(int(name) for name in files.listdir(export_root)
                 if name.isdigit())
 
 
@@ -148,16 +167,19 @@ def load_serving(path: str):
 
 def read_class_names(path: str) -> List[str]:
   """Returns the class names stored in the assets of an exported version."""
-  with open(os.path.join(path, "assets", CLASS_NAMES_FILE),
-            encoding="utf-8") as f:
-    return f.read().splitlines()
+  return files.read_text(
+      os.path.join(path, "assets", CLASS_NAMES_FILE)).splitlines()
 
 
 def read_metadata(path: str) -> Dict[str, int]:
   """Returns {"image_size", "top_k", "num_classes"} of an exported version."""
-  with open(os.path.join(path, "assets", METADATA_FILE),
-            encoding="utf-8") as f:
-    return json.load(f)
+  return files.read_json(os.path.join(path, "assets", METADATA_FILE))
+
+
+def read_run_id(path: str) -> Optional[str]:
+  """The id of the training run that exported version `path`, if recorded."""
+  marker = os.path.join(path, "assets", RUN_ID_FILE)
+  return files.read_text(marker).strip() if files.exists(marker) else None
 
 
 def _make_predict_fn(model, class_names, top_k):
@@ -210,35 +232,34 @@ def _check_arguments(model, class_names, image_size, top_k):
                      f"{len(class_names)} class names.")
 
 
-def _write_assets(version_dir, class_names, image_size, top_k):
-  """Writes the class names (one per line) and serving metadata."""
+def _write_assets(version_dir, class_names, image_size, top_k, run_id):
+  """Writes the class names (one per line), serving metadata and run id."""
   assets_dir = os.path.join(version_dir, "assets")
-  os.makedirs(assets_dir, exist_ok=True)
-  with open(os.path.join(assets_dir, CLASS_NAMES_FILE), "w",
-            encoding="utf-8") as f:
-    f.write("".join(f"{name}\n" for name in class_names))
+  files.makedirs(assets_dir)
+  files.write_bytes(os.path.join(assets_dir, CLASS_NAMES_FILE),
+                    "".join(f"{name}\n" for name in class_names).encode())
   metadata = {"image_size": image_size, "top_k": top_k,
               "num_classes": len(class_names)}
-  with open(os.path.join(assets_dir, METADATA_FILE), "w",
-            encoding="utf-8") as f:
-    json.dump(metadata, f, indent=2)
+  files.write_bytes(os.path.join(assets_dir, METADATA_FILE),
+                    json.dumps(metadata, indent=2).encode())
+  if run_id:
+    files.write_bytes(os.path.join(assets_dir, RUN_ID_FILE),
+                      f"{run_id}\n".encode())
 
 
 def _move_into_place(temp_dir: str, export_root: str) -> str:
-  """Renames `temp_dir` to the next free version; returns the final path.
+  """Moves `temp_dir` to the next free version; returns the final path.
 
-  os.rename is atomic on one file system, and fails rather than replace a
-  non-empty folder, so an existing version can never be overwritten.
+  An existing version is never replaced: when another writer takes the
+  number between listing and moving, the next number is tried.
   """
-  error: Optional[OSError] = None
+  error: Optional[FileExistsError] = None
   for _ in range(_RENAME_ATTEMPTS):
     target = os.path.join(export_root, str(next_version(export_root)))
     try:
-      os.rename(temp_dir, target)
+      files.move_folder_into_place(temp_dir, target)
       return target
-    except OSError as e:
-      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-        raise
+    except FileExistsError as e:
       error = e
   raise RuntimeError(
       f"Could not claim a version number in {export_root}.") from error

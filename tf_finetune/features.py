@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Callable, List, Optional, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import stages
+from tf_finetune import files, stages
 from tf_finetune.model import FEATURES_NAME
 
 CACHE_DIR = "feature_cache"
@@ -354,7 +353,7 @@ class FeatureCache:
 
   def close(self) -> None:
     """Deletes the on-disk part, if any."""
-    shutil.rmtree(self.folder, ignore_errors=True)
+    files.remove_tree(self.folder)
 
 
 def _serialize_batch(features: np.ndarray, labels: np.ndarray) -> bytes:

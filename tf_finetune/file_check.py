@@ -15,10 +15,8 @@ tuning trials) check only new or changed files.
 """
 
 import hashlib
-import json
 import os
 import re
-import tempfile
 import time
 from typing import Dict, Optional, Sequence
 
@@ -26,7 +24,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import decode
+from tf_finetune import decode, files
 
 # The check decodes at this side: a JPEG of 8x this or more is then decoded
 # at 1/8 scale, by the same code path as training.
@@ -153,27 +151,22 @@ def _identity(path: str) -> list:
 
 def _load_cache(cache_file: str) -> dict:
   """{path: [size, mtime_ns, reason]}; {} when missing, stale or unreadable."""
-  if not cache_file or not os.path.isfile(cache_file):
+  if not cache_file:
     return {}
   try:
-    with open(cache_file) as f:
-      content = json.load(f)
-  except (OSError, ValueError):
-    return {}  # A damaged cache only costs a re-check.
-  if content.get("version") != _CACHE_VERSION:
+    content = files.read_json(cache_file)
+  except (tf.errors.OpError, ValueError):
+    return {}  # Missing or damaged: it only costs a re-check.
+  if not isinstance(content, dict) or content.get("version") != _CACHE_VERSION:
     return {}
   return content.get("files", {})
 
 
-def _save_cache(cache_file: str, files: dict) -> None:
+def _save_cache(cache_file: str, entries: dict) -> None:
   """Writes atomically; a failure to write costs only a re-check next time."""
   try:
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(cache_file),
-                                    prefix=".tmp-", suffix=".json")
-    with os.fdopen(handle, "w") as f:
-      json.dump({"version": _CACHE_VERSION, "files": files}, f)
-    os.replace(temp, cache_file)
-  except OSError as error:
+    files.write_json_atomic(cache_file, {"version": _CACHE_VERSION,
+                                         "files": entries}, indent=None)
+  except (OSError, tf.errors.OpError) as error:
     logging.warning("Could not save the file check results to %s: %s",
                     cache_file, error)

@@ -7,6 +7,7 @@ reads FLAGS.
 
 import logging as pylogging
 import os
+import signal
 import sys
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can set it.
@@ -17,9 +18,11 @@ from absl import app, flags  # noqa: E402
 from tf_finetune import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-# 128 + SIGTERM, the shell's code for "terminated": job schedulers then see
-# an unfinished run and restart it, and the restart resumes.
-PREEMPTED_EXIT_CODE = 143
+# 128 + the signal's number, the shell's code for a process that signal
+# ended: job schedulers then see an unfinished run and restart it, and the
+# restart resumes. SIGTERM: 143; SIGINT (Ctrl-C): 130.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 _D = config_lib.Config  # Defaults live in one place: the Config dataclass.
 
 flags.DEFINE_string("workdir", None, "Output folder (required).")
@@ -136,17 +139,15 @@ def main(argv):
     config = config_from_flags()
     from tf_finetune import distribute, train  # Heavy: after validation.
     if config.mode == "train":
-      from tf_finetune import checkpoints
+      from tf_finetune import checkpoints, files
       # In a multi-worker run only the chief writes into the workdir.
       chief = distribute.is_chief(config.strategy)
       if chief:
         # Before flags.cfg is rewritten: a refused run must not replace the
         # flags of the run whose checkpoints are there.
         checkpoints.check_workdir(config)
-        os.makedirs(config.workdir, exist_ok=True)
-        checkpoints.write_text_atomic(
-            os.path.join(config.workdir, "flags.cfg"),
-            config_lib.to_flagfile(config))
+        files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
+                                config_lib.to_flagfile(config))
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
       if chief:
@@ -175,7 +176,10 @@ def main(argv):
     return 2
   except config_lib.Preempted as e:
     print(f"tf_finetune: {e}", file=sys.stderr)
-    return PREEMPTED_EXIT_CODE
+    return getattr(e, "exit_code", PREEMPTED_EXIT_CODE)
+  except KeyboardInterrupt:  # Ctrl-C outside training, or twice inside.
+    print("tf_finetune: stopped by SIGINT.", file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
   return 0
 
 

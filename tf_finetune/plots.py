@@ -2,17 +2,17 @@
 
 Drawn on matplotlib's Agg canvas directly (no pyplot): no display needed,
 no global backend switch, and nothing kept alive between figures. Each file
-is written beside its target and renamed into place, like the JSON files.
+is moved into place whole (files.atomic_output), like the JSON files.
 """
 
-import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from tf_finetune import files
 
 CURVES_FILE = "curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
@@ -117,19 +117,9 @@ def write_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
 
 
 def save_figure_atomic(figure: Figure, path: str) -> None:
-  """Renders `figure` as PNG to a temp file beside `path`, then renames it."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-  try:
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
-    FigureCanvasAgg(figure).print_png(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Renders `figure` as PNG into `path`, all or nothing."""
+  with files.atomic_output(path) as temp:
+    FigureCanvasAgg(figure).print_png(temp)
 
 
 def _recorded_epochs(stage: Dict) -> int:

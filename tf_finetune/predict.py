@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import export, folder_source, report
+from tf_finetune import export, files, folder_source
 from tf_finetune.config import Config, UserError
 
 PREDICTIONS_FILE = "predictions.json"
@@ -53,8 +53,8 @@ def run_prediction(config: Config) -> Dict:
       "skipped_files": [{"file": path, "reason": skipped[path]}
                         for path in paths if path in skipped],
   }
-  report.write_json_atomic(os.path.join(config.workdir, PREDICTIONS_FILE),
-                           result)
+  files.write_json_atomic(os.path.join(config.workdir, PREDICTIONS_FILE),
+                          result)
   logging.info("Predicted %d files with %s (%d skipped).", len(predictions),
                version_path, len(skipped))
   return result

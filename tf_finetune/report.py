@@ -1,32 +1,13 @@
-"""Report stage: report.json (and later plots), written atomically."""
+"""Report stage: report.json, written atomically (files.py)."""
 
-import json
 import os
-import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
+
+from tf_finetune import files
 
 REPORT_FILE = "report.json"
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to a temp file beside `path`, then renames it into place.
-
-  A crash mid-write leaves the previous file intact, never a truncated one.
-  """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                             suffix=os.path.basename(path))
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2, sort_keys=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+# tuning.py writes its JSON files through this name.
+write_json_atomic = files.write_json_atomic
 
 
 def build_report(*, class_names: List[str], num_examples: Dict[str, int],
@@ -35,7 +16,7 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
                  export_path: str, config: Dict, seconds: float,
                  speed: Optional[Dict] = None,
                  kept: Optional[Dict] = None) -> Dict:
-  """Assembles report.json's content (the fields DESIGN.md requires, and more).
+  """Assembles report.json's content.
 
   `images_per_second` maps each stage's name to its training throughput,
   measured over its steps after the first (which includes graph tracing).
@@ -67,6 +48,7 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
 
 
 def write_report(workdir: str, report: Dict) -> str:
+  """Writes WORKDIR/report.json atomically; returns its path."""
   path = os.path.join(workdir, REPORT_FILE)
-  write_json_atomic(path, report)
+  files.write_json_atomic(path, report)
   return path

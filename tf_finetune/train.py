@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (checkpoints, data, distribute, export, features,
-                         plots, report, selection, speed, stages)
+                         files, plots, report, selection, speed, stages)
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -49,9 +49,11 @@ def _train(config: Config, strategy,
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
   accuracies = evaluate_splits(model, datasets)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
+  # A rerun after a kill between export and report finds its own version.
   export_path = export.export_saved_model(
       model, datasets.class_names, config.image_size,
-      config.resolved_export_dir, config.top_k)
+      config.resolved_export_dir, config.top_k,
+      run_id=checkpoints.read_run_id(config.workdir))
   result = report.build_report(
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
@@ -186,7 +188,7 @@ def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
                                          append=resume is not None),
                *extra_callbacks, checkpointer,
                checkpoints.EpochProgress(config.total_epochs)]
-  with checkpointer.catch_sigterm():
+  with checkpointer.catch_stop_signals():
     fit_stages(run, stage_callback, best, callbacks, resume)
 
 
@@ -244,7 +246,7 @@ def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
 
 def create_logging_callbacks(workdir: str, append: bool = False):
   """TensorBoard and CSV logs under WORKDIR/logs/, one epoch axis for both
-  stages (the stages share one `fit`). `append` continues the CSV log of a
+  stages (`fit_stages` continues them from fit to fit). `append` continues the CSV log of a
   resumed run (and its second fit) instead of starting a new one."""
   logs = os.path.join(workdir, "logs")
   os.makedirs(logs, exist_ok=True)
@@ -266,14 +268,9 @@ def evaluate_splits(model: keras.Model, datasets: data.Datasets
 
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
-  """Saves to a temp `.keras` file beside `path`, then renames it into place."""
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  try:
-    model.save(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Saves to a temp `.keras` file, then moves it into place (files.py)."""
+  with files.atomic_output(path) as temp:
+    model.save(temp)
 
 
 def load_trained_model(workdir: str) -> keras.Model:

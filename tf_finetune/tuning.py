@@ -28,7 +28,7 @@ best.cfg trains the winner.
 WORKDIR/tuner/ holds KerasTuner's project and search.json, the flags that
 define the search: a rerun with the same flags resumes, other flags are an
 error unless --overwrite_search (KerasTuner would silently keep the old
-search space, DESIGN.md trap 5).
+search space, ARCHITECTURE.md).
 """
 
 import dataclasses
@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import contextlib
 import time
 from typing import Dict, List, Optional, Tuple
@@ -46,7 +45,7 @@ import keras_tuner as kt
 from tensorboard.plugins.hparams import api as hparams_api
 
 from tf_finetune import config as config_lib
-from tf_finetune import (checkpoints, data, distribute, report, selection,
+from tf_finetune import (checkpoints, data, distribute, files, selection,
                          stages, train)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
@@ -357,7 +356,7 @@ def prepare_project(config: Config) -> None:
   path = os.path.join(project, DEFINITION_FILE)
   definition = search_definition(config)
   if config.overwrite_search and os.path.isdir(project):
-    shutil.rmtree(project)
+    files.remove_tree(project)
   elif os.path.isfile(path):
     with open(path) as f:
       stored = json.load(f)
@@ -376,14 +375,7 @@ def prepare_project(config: Config) -> None:
     raise UserError(f"{project} holds files but no {DEFINITION_FILE}, so it "
                     "is no search this program can resume; add "
                     "--overwrite_search to discard it.")
-  report.write_json_atomic(path, definition)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes a temp file beside `path`, then renames it into place."""
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  files.write_json_atomic(path, definition)
 
 
 def run_search(config: Config,
@@ -487,9 +479,9 @@ def write_results(config: Config, oracle, seconds: float) -> Dict:
       "trials": [describe_trial(t, config) for t in trials],
   }
   result["report_path"] = os.path.join(config.workdir, REPORT_FILE)
-  report.write_json_atomic(result["report_path"], result)
+  files.write_json_atomic(result["report_path"], result)
   if best:
-    write_text_atomic(best_path, best_flagfile(config, best[0]))
+    files.write_text_atomic(best_path, best_flagfile(config, best[0]))
   return result
 
 
