@@ -500,3 +500,39 @@ def test_bayesian_without_its_packages_is_an_error(monkeypatch):
   with pytest.raises(config_lib.UserError, match="--tuner=bayesian"):
     tuning.check_tuner_available("bayesian")
   tuning.check_tuner_available("random")  # Needs neither.
+
+
+# ------------------------------------------ a trial is a training run
+
+
+def test_a_trial_trains_exactly_what_mode_train_trains(images, tmp_path,
+                                                      monkeypatch):
+  """One trial and `--mode=train` with the same hyperparameters: the same
+  setup path (train.set_up_run), so bit-identical final weights and the
+  same resolved speed switches."""
+  from tf_finetune import train
+  final_weights = []
+  fit_stages = train.fit_stages
+
+  def recording(run, *args, **kwargs):
+    history = fit_stages(run, *args, **kwargs)
+    final_weights.append([v.numpy().copy() for v in run.model.weights])
+    return history
+  monkeypatch.setattr(train, "fit_stages", recording)
+  search = make_config(images, tmp_path / "search", max_trials=1,
+                       search_unfreeze_blocks="1:1",
+                       search_finetune_learning_rate="1e-3:1e-3")
+  tuning_report = tuning.run_search(search)
+  training = dataclasses.replace(
+      search, mode="train", workdir=str(tmp_path / "train"),
+      unfreeze_blocks=1, finetune_learning_rate=1e-3,
+      search_unfreeze_blocks="", search_finetune_learning_rate="")
+  report = train.run_training(training)
+  assert len(final_weights) == 2
+  for trial, trained in zip(*final_weights):
+    np.testing.assert_array_equal(trial, trained)
+  speed = dict(report["speed"])
+  speed.pop("peak_rss_mb")
+  assert tuning_report["speed"] == speed
+  assert tuning_report["trials"][0]["metrics"]["val_accuracy"] == (
+      pytest.approx(report["val_accuracy"]))

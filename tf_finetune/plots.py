@@ -69,7 +69,7 @@ def build_curves_figure(stages: Sequence[Dict],
       _mark_kept(axes, kept["epoch"] + 1)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(metric.replace("_", " "))
-    if metric == "learning_rate":
+    if metric == "learning_rate" and _has_positive(stages, metric):
       axes.set_yscale("log")
     axes.legend(loc="best", fontsize="small")
   if panels:
@@ -154,3 +154,8 @@ def _mark_kept(axes, epoch: int):
   axes.annotate("kept", (epoch, 0.0), xycoords=("data", "axes fraction"),
                 xytext=(3, 3), textcoords="offset points", va="bottom",
                 fontsize="small", color="green")
+
+
+def _has_positive(stages, key) -> bool:
+  values = _concatenate(stages, key)
+  return values is not None and bool(np.any(values > 0))

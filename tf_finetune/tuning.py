@@ -46,7 +46,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from tf_finetune import config as config_lib
 from tf_finetune import (checkpoints, data, distribute, files, selection,
-                         stages, train)
+                         speed, stages, train)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
@@ -392,6 +392,8 @@ def run_search(config: Config,
   if role != "chief":
     data.create_datasets(config)
   started = time.perf_counter()
+  # What every trial resolves too (train.set_up_run): recorded once.
+  switches = dataclasses.asdict(speed.resolve_switches(config, strategy))
   tuner = create_tuner(config, FineTuneHyperModel(config, build_fn), strategy)
   if role == "chief":
     # KerasTuner's stop after 3 failed trials in a row, raised in a gRPC
@@ -407,13 +409,13 @@ def run_search(config: Config,
     if "consecutive failures" not in str(e) or role == "worker":
       raise
     result = write_results(config, tuner.oracle,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, switches)
     raise UserError(
         f"The search stopped after {tuner.oracle.max_consecutive_failed_trials}"
         f" failed trials in a row, the last with: {_last_line(str(e))}. Every "
         f"trial's outcome is in {result['report_path']}.") from e
   result = (None if role == "worker" else write_results(
-      config, tuner.oracle, time.perf_counter() - started))
+      config, tuner.oracle, time.perf_counter() - started, switches))
   if result and result["best_config"] is None:
     raise UserError(f"No trial completed, so there is no {BEST_CONFIG_FILE}; "
                     f"each trial's error is in {result['report_path']}.")
@@ -459,10 +461,12 @@ def describe_trial(trial, config: Config) -> Dict:
   }
 
 
-def write_results(config: Config, oracle, seconds: float) -> Dict:
+def write_results(config: Config, oracle, seconds: float,
+                  switches: Optional[Dict] = None) -> Dict:
   """Writes tuning_report.json, and best.cfg when a trial completed;
   returns the report (`best_config` None when none did). `seconds`: the
-  search's wall time in this process."""
+  search's wall time in this process; `switches`: the speed switches the
+  trials resolved (speed.Switches as a dict)."""
   trials = sorted(oracle.trials.values(), key=lambda t: int(t.trial_id))
   best = [t for t in oracle.get_best_trials(1) if t.status == "COMPLETED"]
   best_path = os.path.join(config.workdir, BEST_CONFIG_FILE)
@@ -475,6 +479,7 @@ def write_results(config: Config, oracle, seconds: float) -> Dict:
       "best_trial": best[0].trial_id if best else None,
       "best_config": best_path if best else None,
       "seconds": seconds,
+      "speed": switches,
       "shared_stage_head": shares_stage_head(config) and not distributed_role(),
       "trials": [describe_trial(t, config) for t in trials],
   }
