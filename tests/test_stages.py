@@ -87,6 +87,14 @@ def test_finetune_changes_exactly_the_top_blocks_convolutions(trained):
   assert moving == []
 
 
+def test_preprocessing_is_the_same_fixed_map_after_both_stages(trained):
+  layer = trained["model"].get_layer(model_lib.PREPROCESS_NAME)
+  kernel, bias = layer.get_weights()
+  np.testing.assert_array_equal(kernel[0, 0], np.eye(3)[::-1])  # RGB -> BGR
+  np.testing.assert_array_equal(
+      bias, -np.array(model_lib.IMAGENET_MEAN_BGR, "float32"))
+
+
 def test_learning_rate_of_each_stage_is_the_configured_one(trained):
   np.testing.assert_allclose(trained["history"]["learning_rate"],
                              [PLAN.head_learning_rate,
