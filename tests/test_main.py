@@ -19,6 +19,8 @@ from tf_finetune import config as config_lib
 # and tf_finetune.main is imported under its own name, not as __main__.
 AS_CONSOLE_SCRIPT = ("import sys; from tf_finetune.main import run; "
                      "sys.argv[0] = 'tf-finetune'; sys.exit(run())")
+# Every test here starts the command line in a new process.
+pytestmark = pytest.mark.slow
 
 
 def test_training_run_writes_the_workdir_layout(smoke_run):

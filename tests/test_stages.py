@@ -10,6 +10,10 @@ from tf_finetune import model as model_lib
 from tf_finetune import stages
 from tf_finetune.config import RESNET50_BLOCKS
 
+# Trains both stages on the ResNet50: the tests using it are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"trained"}
+
 SIZE, CLASSES, UNFREEZE = 32, 3, 2
 PLAN = stages.StagePlan(head_epochs=1, finetune_epochs=1,
                         head_learning_rate=1e-3, finetune_learning_rate=1e-4,

@@ -31,6 +31,9 @@ SPACE = {"unfreeze_blocks": (0, 1), "finetune_learning_rate": (1e-4, 1e-2)}
 SPACE_FLAGS = ("--search_unfreeze_blocks=0:1",
                "--search_finetune_learning_rate=1e-4:1e-2")
 BUILT_SEEDS = []  # Seeds `tiny_build` was called with, in order.
+# A search through the command line: the tests using it are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"random_search"}
 
 
 def tiny_build(num_classes, image_size, weights, dropout, seed):
@@ -221,6 +224,7 @@ def test_changed_search_space_is_refused(random_search, images):
 # ------------------------------------------- the other tuners, in process
 
 
+@pytest.mark.slow
 def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   # The most aggressive bracket of max_epochs=6, factor 3 gives 2 epochs:
   # with stage head 3 epochs and finetune 3, one epoch each.
@@ -233,6 +237,7 @@ def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   assert os.path.isfile(os.path.join(tmp_path, "best.cfg"))
 
 
+@pytest.mark.slow
 def test_bayesian_search_runs(images, tmp_path):
   pytest.importorskip("scipy", reason="keras-tuner[bayesian] not installed")
   pytest.importorskip("sklearn", reason="keras-tuner[bayesian] not installed")
@@ -359,6 +364,7 @@ def run_distributed(config, tuner_ids, builder, folder):
           for name in tuner_ids}
 
 
+@pytest.mark.slow
 def test_distributed_search_records_every_trial_once(images, tmp_path):
   # Seed 3: the trials unfreeze 0, 1, 0, 1 blocks of the tiny backbone, and
   # the splits (14 train, 4 val) halve evenly for MirroredStrategy on two
@@ -384,6 +390,7 @@ def test_distributed_search_records_every_trial_once(images, tmp_path):
   assert "trial 0 on" not in logs["chief"]  # The chief only hands them out.
 
 
+@pytest.mark.slow
 def test_distributed_search_of_failing_trials_ends(images, tmp_path):
   # KerasTuner alone would stop after 3 failures inside a gRPC call, kill
   # the worker and leave the chief waiting forever.
@@ -414,6 +421,7 @@ def test_split_budget_keeps_both_stages_and_the_total():
           assert h >= 1 and f >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, culprit", [
     (["--search_unfreeze_blocks=3:1"], "MIN 3 is above MAX 1"),
     (["--search_unfreeze_blocks=0:17"], "both bounds must be 0 to 16"),
@@ -434,6 +442,7 @@ def test_bad_search_flags_fail_fast_naming_the_flag(tmp_path, flags, culprit):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_tune_without_search_flags_is_an_error(tmp_path):
   result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
                    "--mode=tune", timeout=60)
