@@ -1,10 +1,12 @@
-# Quick start: `make demo` (fine-tunes on the built-in dataset) and `make test`.
+# Quick start: `make demo` (fine-tunes on the built-in dataset) and `make test`
+# (the whole suite, what CI runs); `make test-fast` leaves out the tests that
+# train a ResNet50 or start processes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -20,6 +22,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,7 +2,12 @@
 run of configs/smoke.cfg per test session, reused by every test that needs
 a trained workdir (tests/test_main.py, test_evaluate.py, test_predict.py,
 test_serving.py). Tests using it may add files to the workdir but must not
-add export versions: tests/test_main.py checks the layout of the run."""
+add export versions: tests/test_main.py checks the layout of the run.
+
+Tests that train a ResNet50 or start a process are marked `slow`; `make
+test-fast` (`pytest -m "not slow"`) runs the others. A test is marked by
+`@pytest.mark.slow`, or here when it uses a fixture that does such work:
+one in SLOW_FIXTURES below, or in its module's own SLOW_FIXTURES."""
 
 import os
 import subprocess
@@ -12,6 +17,43 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fixtures that train a ResNet50 or start a process (see the docstring).
+SLOW_FIXTURES = frozenset({"smoke_run", "smoke_flags"})
+
+
+def pytest_collection_modifyitems(items):
+  """Marks `slow` every test that uses a slow fixture, directly or not."""
+  for item in items:
+    slow = SLOW_FIXTURES | set(getattr(getattr(item, "module", None),
+                                       "SLOW_FIXTURES", ()))
+    if slow.intersection(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_python(request, monkeypatch):
+  """Fails a test not marked `slow` that starts a program of this Python.
+
+  The interpreter, saved_model_cli, tensorboard: each costs seconds of
+  start-up and TensorFlow import, which the fast tier leaves out. Fixtures
+  of a wider scope than the test are set up before this check; list those
+  in SLOW_FIXTURES.
+  """
+  if request.node.get_closest_marker("slow"):
+    return
+  bin_dir = os.path.dirname(sys.executable)
+  popen_init = subprocess.Popen.__init__
+
+  def refuse_this_python(self, args, *rest, **kwargs):
+    program = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+    if os.path.dirname(os.fsdecode(program)) == bin_dir:
+      self._child_created = False  # What Popen.__del__ reads.
+      raise AssertionError(
+          f"{request.node.nodeid} starts {program}: mark it "
+          "@pytest.mark.slow (or list its fixture in SLOW_FIXTURES).")
+    popen_init(self, args, *rest, **kwargs)
+
+  monkeypatch.setattr(subprocess.Popen, "__init__", refuse_this_python)
 
 
 def run_cli(*flags, timeout=600):

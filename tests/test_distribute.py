@@ -25,6 +25,9 @@ from tf_finetune import data, distribute
 from tf_finetune.config import RESNET50_BLOCKS, Config, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Training runs in subprocesses: the tests using them are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"mirrored_run", "multi_worker_run"}
 SIZE, BATCH = 32, 8
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4  # 24 train: 3 full batches
 TOP_BLOCK = RESNET50_BLOCKS[-1]  # --unfreeze_blocks=1
@@ -306,6 +309,7 @@ def test_only_the_chief_writes_outputs(multi_worker_run):
   assert "report:" not in multi_worker_run["logs"][1]
 
 
+@pytest.mark.slow
 def test_a_lost_worker_stops_the_others_with_a_clear_error(inputs, tmp_path):
   dataset, _, _ = inputs
   ports = free_ports(2)
@@ -399,6 +403,7 @@ def test_multi_worker_without_a_usable_tf_config_fails_clearly(
     distribute.create_strategy("multi_worker")
 
 
+@pytest.mark.slow
 def test_cli_multi_worker_without_tf_config_exits_2(tmp_path):
   process = start([sys.executable, "-m", "tf_finetune.main",
                    "--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",

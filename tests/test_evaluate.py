@@ -92,6 +92,7 @@ def test_evaluate_mode_writes_metrics_and_confusion_matrix(smoke_run,
   assert f"test accuracy: {evaluation['accuracy']:.4f}" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_trained_model_is_a_clear_error(tmp_path):
   result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
                    "--mode=evaluate", timeout=120)

@@ -27,6 +27,9 @@ from tf_finetune import checkpoints, config as config_lib, data, report
 from tf_finetune import stages, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The command line killed and rerun: the tests using it are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"killed_and_resumed"}
 
 # ------------------------------------------------------------- tiny model
 
@@ -465,6 +468,7 @@ def crash_while_writing(script, path):
       for p in partial)
 
 
+@pytest.mark.slow
 def test_crash_while_writing_report_json_keeps_the_previous_one(tmp_path):
   path = tmp_path / "report.json"
   report.write_report(str(tmp_path), {"class_names": ["a", "b"]})
@@ -473,6 +477,7 @@ def test_crash_while_writing_report_json_keeps_the_previous_one(tmp_path):
     assert json.load(f) == {"class_names": ["a", "b"]}
 
 
+@pytest.mark.slow
 def test_crash_while_writing_model_keras_keeps_the_previous_one(tmp_path):
   path = tmp_path / "model.keras"
   inputs = keras.Input((4,))

@@ -1,14 +1,26 @@
 """The command line end to end: the real ResNet50 path through `main`."""
 
+import dataclasses
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 # run_cli and the session-wide smoke_run fixture live in conftest.py.
-from conftest import run_cli
+from conftest import ROOT, run_cli
+from tf_finetune import config as config_lib
+
+# What the `tf-finetune` script pip writes does: sys.argv[0] is the script,
+# and tf_finetune.main is imported under its own name, not as __main__.
+AS_CONSOLE_SCRIPT = ("import sys; from tf_finetune.main import run; "
+                     "sys.argv[0] = 'tf-finetune'; sys.exit(run())")
+# Every test here starts the command line in a new process.
+pytestmark = pytest.mark.slow
 
 
 def test_training_run_writes_the_workdir_layout(smoke_run):
@@ -102,6 +114,63 @@ def _write_images(folder, count, size=40):
     Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
 
 
+def help_output(entry_point):
+  if entry_point == "module":
+    command = [sys.executable, "-m", "tf_finetune.main"]
+  elif entry_point == "console_script_reproduced":
+    command = [sys.executable, "-c", AS_CONSOLE_SCRIPT]
+  else:
+    script = os.path.join(os.path.dirname(sys.executable), "tf-finetune")
+    if not os.path.isfile(script):
+      pytest.skip("the tf-finetune console script is not installed")
+    command = [script]
+  # PYTHONPATH: the installed script then imports this checkout's package.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  result = subprocess.run([*command, "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  return result.stdout
+
+
+def listed_flags(help_text):
+  """{'workdir', 'cache_features', ...} from absl's `--help` text."""
+  return set(re.findall(r"^  --(?:\[no\])?(\w+):", help_text, re.M))
+
+
+@pytest.mark.parametrize("entry_point", ["console_script_reproduced",
+                                         "console_script"])
+def test_help_lists_the_package_flags_from_every_entry_point(entry_point):
+  listed = listed_flags(help_output(entry_point))
+  assert {"workdir", "unfreeze_blocks"} <= listed
+  # Every setting of a run is a flag, and --help shows all of them.
+  assert {f.name for f in dataclasses.fields(config_lib.Config)} <= listed
+  assert listed == listed_flags(help_output("module"))
+
+
+@pytest.mark.parametrize("flag, choices", [
+    ("--tuner=grid", "<hyperband|bayesian|random>"),
+    ("--objective=auc", "<val_accuracy|val_loss|accuracy|loss>"),
+    ("--mode=serve", "<train|evaluate|export|predict|tune>"),
+])
+def test_flags_with_fixed_choices_list_them_when_refused(tmp_path, flag,
+                                                         choices):
+  result = run_cli(f"--workdir={tmp_path}", flag, timeout=60)
+  assert result.returncode == 2
+  # One paragraph naming the flag and its choices; absl's own "FATAL" line
+  # and exit code 1 are replaced.
+  assert result.stderr.startswith(f"tf_finetune: error: flag {flag}: ")
+  assert choices in result.stderr
+  assert result.stderr.count("\n") == 1
+
+
+def test_stray_arguments_are_an_error(tmp_path):
+  result = run_cli(f"--workdir={tmp_path}", "configs/smoke.cfg", timeout=60)
+  assert result.returncode == 2
+  assert "unexpected arguments ['configs/smoke.cfg']" in result.stderr
+  assert result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("flags, culprit", [
     (["--unfreeze_blocks=17"], "--unfreeze_blocks=17"),
     (["--unfreeze_blocks=-1"], "--unfreeze_blocks=-1"),
@@ -119,10 +188,14 @@ def test_bad_flag_values_fail_fast_naming_the_flag(tmp_path, flags, culprit):
   assert "Traceback" not in result.stderr
 
 
-def test_missing_workdir_is_an_error():
-  result = run_cli("--flagfile=configs/smoke.cfg", timeout=60)
+@pytest.mark.parametrize("mode", config_lib.MODES)
+@pytest.mark.parametrize("workdir", [[], ["--workdir="]], ids=["unset", "empty"])
+def test_missing_workdir_is_an_error_in_every_mode(mode, workdir):
+  result = run_cli("--flagfile=configs/smoke.cfg", f"--mode={mode}", *workdir,
+                   timeout=60)
   assert result.returncode == 2
   assert "--workdir is required" in result.stderr
+  assert result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("layout, culprit", [

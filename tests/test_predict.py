@@ -167,6 +167,7 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
     np.testing.assert_allclose(entry["scores"], row[order], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--inputs=/no/such/place"], "--inputs='/no/such/place': no such file"),
     ([], "--mode=predict needs --inputs=FILE_OR_DIR"),

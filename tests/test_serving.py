@@ -183,3 +183,42 @@ def test_saved_model_cli_runs_serving_tensor(smoke_run, tmp_path):
   classes = np.load(tmp_path / "out" / "classes.npy", allow_pickle=True)
   assert [c.decode() for c in classes[:, 0]] == list(
       names[expected.argmax(axis=-1)])
+
+
+# ------------------------------------------------------- plain Keras loading
+
+# Loads model.keras the way a user without tf_finetune would: Keras only,
+# safe_mode at its default (on). Writes the predictions to argv[3].
+LOAD_WITH_KERAS_ONLY = r"""
+import sys
+import keras
+import numpy as np
+model = keras.saving.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+imported = sorted(name for name in sys.modules if name.startswith("tf_finetune"))
+assert not imported, f"loading imported {imported}"
+"""
+
+
+def test_model_keras_loads_and_predicts_without_the_package(smoke_run,
+                                                            tmp_path):
+  workdir, _ = smoke_run
+  images = np.random.default_rng(11).integers(0, 256, (4, 32, 32, 3),
+                                              dtype=np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  # -I: neither the working directory nor PYTHONPATH is on sys.path. The
+  # package may still be installed in this Python; the script checks that
+  # it was not imported.
+  result = subprocess.run(
+      [sys.executable, "-I", "-c", LOAD_WITH_KERAS_ONLY,
+       os.path.join(workdir, "model.keras"), str(tmp_path / "images.npy"),
+       str(tmp_path / "predicted.npy")],
+      cwd=tmp_path, capture_output=True, text=True,
+      timeout=TOOL_TIMEOUT_SECONDS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  import tensorflow as tf
+  served = tf.saved_model.load(
+      export.latest_version_path(os.path.join(workdir, "export")))
+  expected = served.signatures["serving_tensor"](images=tf.constant(images))
+  np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"),
+                             expected["probabilities"].numpy(), atol=1e-5)

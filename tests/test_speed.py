@@ -14,6 +14,10 @@ from tf_finetune import data, features, selection, speed, stages, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
+# Train the ResNet50 in both stages, in process and through the command
+# line: the tests using them are `slow` (conftest.py).
+SLOW_FIXTURES = {"two_stage_runs", "cached_cli_run"}
+
 SIZE, CLASSES, COUNT = 32, 3, 16
 
 
@@ -202,6 +206,7 @@ def test_views_take_turns_by_epoch_and_reshuffle(tmp_path):
   assert list(epochs[0]) != list(epochs[2])
 
 
+@pytest.mark.slow
 def test_mixed_float16_keeps_float32_outputs_and_scales_the_loss(tmp_path):
   with speed.dtype_policy("mixed_float16"):
     model = _build(dropout=0.2)
@@ -353,6 +358,7 @@ def test_default_run_trains_stage_head_on_unaugmented_features(smoke_run):
   assert report["stages"][0]["feature_cache"]["views"] == 1
 
 
+@pytest.mark.slow
 def test_cli_refuses_views_that_would_never_be_used(tmp_path):
   result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
                    "--feature_views=2", timeout=60)
@@ -361,6 +367,7 @@ def test_cli_refuses_views_that_would_never_be_used(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_train_prints_both_recipes_and_the_speedups(tmp_path):
   """The benchmark tool end to end at toy size (no timing asserted)."""
   import re

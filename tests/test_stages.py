@@ -10,6 +10,10 @@ from tf_finetune import model as model_lib
 from tf_finetune import stages
 from tf_finetune.config import RESNET50_BLOCKS
 
+# Trains both stages on the ResNet50: the tests using it are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"trained"}
+
 SIZE, CLASSES, UNFREEZE = 32, 3, 2
 PLAN = stages.StagePlan(head_epochs=1, finetune_epochs=1,
                         head_learning_rate=1e-3, finetune_learning_rate=1e-4,
@@ -85,6 +89,14 @@ def test_finetune_changes_exactly_the_top_blocks_convolutions(trained):
   assert changed == expected
   moving = [k for k in changed if "moving_" in k or "_bn/" in k]
   assert moving == []
+
+
+def test_preprocessing_is_the_same_fixed_map_after_both_stages(trained):
+  layer = trained["model"].get_layer(model_lib.PREPROCESS_NAME)
+  kernel, bias = layer.get_weights()
+  np.testing.assert_array_equal(kernel[0, 0], np.eye(3)[::-1])  # RGB -> BGR
+  np.testing.assert_array_equal(
+      bias, -np.array(model_lib.IMAGENET_MEAN_BGR, "float32"))
 
 
 def test_learning_rate_of_each_stage_is_the_configured_one(trained):

@@ -33,6 +33,9 @@ SPACE = {"unfreeze_blocks": (0, 1), "finetune_learning_rate": (1e-4, 1e-2)}
 SPACE_FLAGS = ("--search_unfreeze_blocks=0:1",
                "--search_finetune_learning_rate=1e-4:1e-2")
 BUILT_SEEDS = []  # Seeds `tiny_build` was called with, in order.
+# A search through the command line: the tests using it are `slow`
+# (conftest.py).
+SLOW_FIXTURES = {"random_search"}
 
 
 def tiny_build(num_classes, image_size, weights, dropout, seed):
@@ -223,6 +226,7 @@ def test_changed_search_space_is_refused(random_search, images):
 # ------------------------------------------- the other tuners, in process
 
 
+@pytest.mark.slow
 def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   # The most aggressive bracket of max_epochs=6, factor 3 gives 2 epochs:
   # with stage head 3 epochs and finetune 3, one epoch each.
@@ -235,6 +239,7 @@ def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   assert os.path.isfile(os.path.join(tmp_path, "best.cfg"))
 
 
+@pytest.mark.slow
 def test_bayesian_search_runs(images, tmp_path):
   pytest.importorskip("scipy", reason="keras-tuner[bayesian] not installed")
   pytest.importorskip("sklearn", reason="keras-tuner[bayesian] not installed")
@@ -361,6 +366,7 @@ def run_distributed(config, tuner_ids, builder, folder):
           for name in tuner_ids}
 
 
+@pytest.mark.slow
 def test_distributed_search_records_every_trial_once(images, tmp_path):
   # Seed 3: the trials unfreeze 0, 1, 0, 1 blocks of the tiny backbone, and
   # the splits (14 train, 4 val) halve evenly for MirroredStrategy on two
@@ -386,6 +392,7 @@ def test_distributed_search_records_every_trial_once(images, tmp_path):
   assert "trial 0 on" not in logs["chief"]  # The chief only hands them out.
 
 
+@pytest.mark.slow
 def test_distributed_search_of_failing_trials_ends(images, tmp_path):
   # KerasTuner alone would stop after 3 failures inside a gRPC call, kill
   # the worker and leave the chief waiting forever.
@@ -416,16 +423,17 @@ def test_split_budget_keeps_both_stages_and_the_total():
           assert h >= 1 and f >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, culprit", [
     (["--search_unfreeze_blocks=3:1"], "MIN 3 is above MAX 1"),
     (["--search_unfreeze_blocks=0:17"], "both bounds must be 0 to 16"),
     (["--search_finetune_learning_rate=0:1e-3"], "must be above 0"),
     (["--search_dropout=0.5:1.5"], "--search_dropout='0.5:1.5'"),
     (["--search_head_learning_rate=fast"], "expected MIN:MAX"),
-    (["--tuner=grid"], "--tuner='grid'"),
+    (["--tuner=grid"], "--tuner=grid: value should be one of"),
     (["--max_trials=0"], "--max_trials=0: must be >= 1"),
     (["--max_epochs=3"], "--max_epochs=3"),
-    (["--objective=f1"], "--objective='f1'"),
+    (["--objective=f1"], "--objective=f1: value should be one of"),
 ])
 def test_bad_search_flags_fail_fast_naming_the_flag(tmp_path, flags, culprit):
   result = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={tmp_path}",
@@ -505,6 +513,7 @@ def test_bayesian_without_its_packages_is_an_error(monkeypatch):
 # ------------------------------------------ a trial is a training run
 
 
+@pytest.mark.slow
 def test_a_trial_trains_exactly_what_mode_train_trains(images, tmp_path,
                                                       monkeypatch):
   """One trial and `--mode=train` with the same hyperparameters: the same

@@ -1,9 +1,14 @@
-"""Command line: `python -m tf_finetune.main --flagfile=configs/NAME.cfg`.
+"""Fine-tunes a pretrained ResNet50 image classifier in two stages.
 
-Kept short on purpose: it defines the flags, turns them into a validated
-`Config`, and hands it to the module that does the job. No other module
-reads FLAGS.
+Usage: tf-finetune --flagfile=configs/base.cfg --dataset=folder:DIR
+  --workdir=DIR [--mode=train|evaluate|export|predict|tune] [flags]
+(or python -m tf_finetune.main with the same flags). Flags after --flagfile
+override it. --helpfull also lists the flags of absl and TensorFlow.
 """
+
+# Kept short on purpose: this module defines the flags, turns them into a
+# validated `Config`, and hands it to the module that does the job. No other
+# module reads FLAGS.
 
 import logging as pylogging
 import os
@@ -26,6 +31,13 @@ INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 _D = config_lib.Config  # Defaults live in one place: the Config dataclass.
 
 flags.DEFINE_string("workdir", None, "Output folder (required).")
+# Every mode needs it: train and tune write there, evaluate and export read
+# model.keras from it, predict writes predictions.json there. Checked while
+# the flags are parsed, so the message comes before anything is loaded.
+flags.register_validator(
+    "workdir", bool,
+    message="--workdir is required: the folder a training run writes to and "
+    "--mode=evaluate, export and predict read from.")
 flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "Job to run.")
 flags.DEFINE_string("dataset", _D.dataset,
                     "demo | folder:DIR | tfds:NAME[:VERSION].")
@@ -85,16 +97,15 @@ flags.DEFINE_bool("fresh", _D.fresh, "Delete WORKDIR/checkpoints and train "
 for _name in config_lib.SEARCHABLE:
   flags.DEFINE_string(f"search_{_name}", getattr(_D, f"search_{_name}"),
                       f"MIN:MAX range of --{_name} to search (mode tune).")
-flags.DEFINE_string("tuner", _D.tuner, "Search algorithm: "
-                    + " | ".join(config_lib.TUNERS) + ".")
+flags.DEFINE_enum("tuner", _D.tuner, config_lib.TUNERS, "Search algorithm.")
 flags.DEFINE_integer("max_trials", _D.max_trials, "Trials of the search.")
 flags.DEFINE_integer("max_epochs", _D.max_epochs,
                      "Hyperband's largest epoch budget per trial (0: "
                      "--head_epochs plus --finetune_epochs).")
 flags.DEFINE_integer("hyperband_factor", _D.hyperband_factor,
                      "Hyperband's reduction factor between rounds.")
-flags.DEFINE_string("objective", _D.objective, "Metric the search optimises: "
-                    + " | ".join(config_lib.OBJECTIVES) + ".")
+flags.DEFINE_enum("objective", _D.objective, config_lib.OBJECTIVES,
+                  "Metric the search optimises.")
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
                      "Stop a trial after this many stage-finetune epochs "
                      "without a better objective (0: off).")
@@ -134,7 +145,9 @@ def main(argv):
   # the run's progress; warnings still show.
   pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print(f"tf_finetune: error: unexpected arguments {argv[1:]}: every "
+          "setting is a flag, --name=value.", file=sys.stderr)
+    return 2
   try:
     config = config_from_flags()
     from tf_finetune import distribute, train  # Heavy: after validation.
@@ -193,9 +206,45 @@ def print_predictions(result, workdir):
   print(f"predictions: {os.path.join(workdir, 'predictions.json')}")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, its errors reported as the package reports bad input.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    The arguments that are not flags, program name first.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    # absl prints a "FATAL" line and exits 1; bad input exits 2 here.
+    message = " ".join(str(e).split()).rstrip(".")
+    print(f"tf_finetune: error: {message}. --help lists the flags.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def declare_flags_of_main_module():
+  """Makes this module's flags the key flags of the program being run.
+
+  absl's --help lists the key flags of the module named by sys.argv[0]. Under
+  `python -m tf_finetune.main` that is this file; under the `tf-finetune`
+  console script it is the script, which defines no flags. Declaring them for
+  sys.argv[0] too gives both the same list (a no-op in the first case).
+  """
+  for flag in FLAGS.get_key_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  # --help also prints __main__'s docstring; the console script has none.
+  main_module = sys.modules["__main__"]
+  if not getattr(main_module, "__doc__", None):
+    main_module.__doc__ = __doc__
+
+
 def run():
-  """Console-script entry point (`tf-finetune`)."""
-  app.run(main)
+  """Entry point of `tf-finetune` and of `python -m tf_finetune.main`."""
+  declare_flags_of_main_module()
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

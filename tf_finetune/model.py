@@ -1,25 +1,63 @@
 """Model stage: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
 
 Preprocessing lives inside the model, so the Keras file and the SavedModel
-take raw pixels and nothing outside the model has to repeat it.
+take raw pixels and nothing outside the model has to repeat it. It is made
+of Keras' built-in layers only, so `keras.saving.load_model` reads
+`model.keras` in any Python with Keras, without this package.
 """
 
 import os
 
 import keras
+import numpy as np
 
 from tf_finetune.config import UserError
 
 BACKBONE_NAME = "backbone"
 # The pooled backbone output: the head's input, and what features.py caches.
 FEATURES_NAME = "pool"
+# The fixed map of caffe-mode preprocessing (below); it never trains.
+PREPROCESS_NAME = "preprocess"
+# ResNet50's ImageNet preprocessing ("caffe" mode of
+# keras.applications.imagenet_utils.preprocess_input): RGB -> BGR, then the
+# ImageNet mean of each BGR channel subtracted; no scaling.
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def preprocess_images(images):
+  """Applies ResNet50's caffe-mode preprocessing to uint8 RGB images.
+
+  A cast (`Rescaling(1.0)`) and one fixed linear map, a non-trainable 1x1
+  `Conv2D` whose kernel swaps R and B and whose bias is minus the mean:
+  built-in layers, so a saved model needs no custom class to load. Both
+  layers compute in float32 whatever the global dtype policy, so the result
+  equals `preprocess_input(mode="caffe")` exactly and is rounded once, where
+  the backbone casts it to its compute dtype under mixed precision.
+
+  Args:
+    images: symbolic uint8 tensor [N, H, W, 3], RGB.
+
+  Returns:
+    Float32 tensor [N, H, W, 3]: BGR minus the ImageNet mean.
+  """
+  x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(images)
+  caffe = keras.layers.Conv2D(3, 1, trainable=False, dtype="float32",
+                              name=PREPROCESS_NAME)
+  x = caffe(x)
+  # kernel[0, 0, input channel, output channel]: output c is input 2 - c.
+  rgb_to_bgr = np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3)
+  caffe.set_weights([rgb_to_bgr, -np.array(IMAGENET_MEAN_BGR, "float32")])
+  return x
 
 
 @keras.saving.register_keras_serializable(package="tf_finetune")
 class ImageNetPreprocess(keras.layers.Layer):
   """Casts uint8 pixels to float and applies `keras.applications` preprocessing.
 
-  A registered layer rather than a Lambda, so models load with `safe_mode`.
+  The preprocessing of models saved by earlier versions of this package
+  (`build_model` now uses `preprocess_images`). Kept registered so that
+  their `model.keras` files still load through the package, e.g. with
+  `train.load_model_safely`.
   """
 
   def __init__(self, mode: str = "caffe", **kwargs):
@@ -49,12 +87,12 @@ def build_model(num_classes: int, image_size: int, weights: str = "imagenet",
 
   Returns:
     A functional model taking uint8 [None, S, S, 3] and returning float32
-    probabilities [None, num_classes]. All layers are trainable; the stage
-    callback decides what trains.
+    probabilities [None, num_classes]. The preprocessing never trains; the
+    other layers are trainable, and the stage callback decides what trains.
   """
   shape = (image_size, image_size, 3)
   inputs = keras.Input(shape, dtype="uint8", name="images")
-  x = ImageNetPreprocess(name="preprocess")(inputs)
+  x = preprocess_images(inputs)
   x = build_backbone(shape, weights)(x)
   x = keras.layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
   x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
