@@ -79,8 +79,8 @@ class Config:
   finetune_learning_rate: float = 1e-4
   unfreeze_blocks: int = 16
   dropout: float = 0.2
-  label_smoothing: float = 0.0
-  augment: Tuple[str, ...] = ("flip", "rotation", "zoom")
+  label_smoothing: float = 0.1
+  augment: Tuple[str, ...] = ("flip",)
   strategy: str = "auto"
   virtual_cpu_devices: int = 0
   jit_compile: str = "auto"
