@@ -153,6 +153,7 @@ KILLED_BEFORE_RENAME = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_crash_mid_write_keeps_the_old_local_file(tmp_path):
   path = tmp_path / "report.json"
   files.write_json_atomic(str(path), {"old": True})
