@@ -147,3 +147,21 @@ def test_stage_plan_maps_epochs_to_stages():
   assert plan.unfrozen_blocks("finetune") == RESNET50_BLOCKS[-3:]
   assert stages.block_of("conv4_block6_2_bn") == "conv4_block6"
   assert stages.block_of("conv1_conv") is None
+
+
+def test_base_config_states_the_default_recipe():
+  """configs/base.cfg spells out the recipe; it must be the defaults'."""
+  import os
+  from tf_finetune.config import Config
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", "base.cfg")
+  with open(path) as f:
+    flags = dict(line.strip()[2:].split("=", 1) for line in f
+                 if line.startswith("--") and "=" in line)
+  defaults = Config(workdir="w")
+  for name in ("head_epochs", "head_learning_rate", "finetune_epochs",
+               "finetune_learning_rate", "unfreeze_blocks", "lr_schedule",
+               "warmup_fraction", "dropout", "label_smoothing"):
+    value = getattr(defaults, name)
+    assert type(value)(flags[name]) == value, name
+  assert tuple(flags["augment"].split(",")) == defaults.augment
