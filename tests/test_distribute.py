@@ -21,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import write_backbone_weights
-from tf_finetune import data, distribute
+from tf_finetune import checkpoints, data, distribute, train
 from tf_finetune.config import RESNET50_BLOCKS, Config, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +32,10 @@ TOP_BLOCK = RESNET50_BLOCKS[-1]  # --unfreeze_blocks=1
 # Runs `train.run_training` (through the command line when argv is given)
 # with two test-only observers: each replica's batch size, recorded when the
 # step runs, and the model's weights after every epoch, pickled to `out`.
+# With "kill_at": [epoch, step] the process SIGKILLs itself when that step
+# (1-based, of that 0-based epoch) has trained, before it is checkpointed.
 DRIVER = r"""
-import json, pickle, sys
+import json, os, pickle, signal, sys
 import keras, tensorflow as tf
 from tf_finetune import main, train
 
@@ -52,9 +54,21 @@ class Snapshot(keras.callbacks.Callback):
         layer: {v.path: v.numpy() for v in self.model.get_layer(layer).weights}
         for layer in ("backbone", "classifier")}
 
+class KillAt(keras.callbacks.Callback):
+  def __init__(self, epoch, step):
+    super().__init__()
+    self.at, self.epoch = (epoch, step), None
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epoch = epoch
+  def on_train_batch_end(self, batch, logs=None):
+    if (self.epoch, batch + 1) == self.at:
+      os.kill(os.getpid(), signal.SIGKILL)
+
 keras.Model.train_step = observed_train_step
 run_training = train.run_training
-train.run_training = lambda config: run_training(config, [Snapshot()])
+observers = [KillAt(*args["kill_at"])] if args.get("kill_at") else []
+train.run_training = lambda config: run_training(config,
+                                                 [*observers, Snapshot()])
 sys.argv = ["tf_finetune", *args["flags"]]
 try:
   main.run()
@@ -146,9 +160,9 @@ def training_flags(dataset, weights, workdir, *extra):
           *extra]
 
 
-def run_driver(tmp, name, flags, **env):
+def run_driver(tmp, name, flags, kill_at=None, **env):
   out = str(tmp / f"{name}.pkl")
-  args = json.dumps({"flags": flags, "out": out})
+  args = json.dumps({"flags": flags, "out": out, "kill_at": kill_at})
   process = start([sys.executable, "-c", DRIVER, args],
                   str(tmp / f"{name}.log"), **env)
   return process, out
@@ -304,6 +318,128 @@ def test_only_the_chief_writes_outputs(multi_worker_run):
   assert report["export_path"] == str(chief / "export" / "1")
   assert "report:" in multi_worker_run["logs"][0]
   assert "report:" not in multi_worker_run["logs"][1]
+
+
+# ---------------------------------------------------------------- resuming
+
+STEPS = CLASSES * TRAIN_PER_CLASS // BATCH  # per epoch
+# Killed when step 2 of epoch 1 (stage finetune) has trained: the last
+# checkpoint is the one after step 1 (--save_every_steps=1).
+KILL_AT = (1, 2)
+
+
+def start_cluster(tmp, name, inputs, workdirs, kill_at=None):
+  """Two drivers on fresh ports, checkpointing every step; worker i with
+  --workdir=workdirs[i]. Returns [(process, pickle path)]."""
+  dataset, weights, _ = inputs
+  ports = free_ports(2)
+  return [run_driver(tmp, f"{name}{index}",
+                     training_flags(dataset, weights, workdirs[index],
+                                    "--strategy=multi_worker",
+                                    "--save_every_steps=1"),
+                     kill_at=kill_at, TF_CONFIG=tf_config(ports, index))
+          for index in range(2)]
+
+
+def resuming_line(workdir, state, total_epochs):
+  position = checkpoints.describe_position(state.epoch, state.step,
+                                           total_epochs)
+  return (f"Resuming from {os.path.join(workdir, 'checkpoints', state.file)}"
+          f", {position} (stage '{state.stage}')")
+
+
+@pytest.fixture(scope="module")
+def killed_cluster(inputs, tmp_path_factory):
+  """Two workers sharing one workdir, both SIGKILLed mid-finetune; then
+  restarted once with the second worker on another workdir (refused), and
+  once as before (resumes and completes)."""
+  tmp = tmp_path_factory.mktemp("killed_cluster")
+  workdir = str(tmp / "work")
+  runs = start_cluster(tmp, "killed", inputs, [workdir] * 2, kill_at=KILL_AT)
+  codes = wait_all([process for process, _ in runs], 1800)
+  assert codes[0] == -signal.SIGKILL, read(tmp / "killed0.log")[-3000:]
+  state = checkpoints.read_state(workdir)
+
+  runs = start_cluster(tmp, "mismatched", inputs,
+                       [workdir, str(tmp / "other")])
+  mismatched = (wait_all([process for process, _ in runs], 600),
+                [read(tmp / f"mismatched{i}.log") for i in range(2)])
+  assert checkpoints.read_state(workdir) == state
+
+  runs = start_cluster(tmp, "resumed", inputs, [workdir] * 2)
+  codes = wait_all([process for process, _ in runs], 1800)
+  logs = [read(tmp / f"resumed{i}.log") for i in range(2)]
+  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  return dict(workdir=workdir, state=state, mismatched=mismatched, logs=logs,
+              results=[load_pickle(out) for _, out in runs])
+
+
+def test_every_worker_resumes_from_the_chiefs_checkpoint(killed_cluster):
+  state = killed_cluster["state"]
+  assert (state.stage, state.epoch, state.step) == ("finetune", KILL_AT[0],
+                                                     KILL_AT[1] - 1)
+  line = resuming_line(killed_cluster["workdir"], state, 2)
+  for log in killed_cluster["logs"]:
+    assert line in log
+  # Each worker trained only the steps left after the checkpoint.
+  left = 2 * STEPS - (state.epoch * STEPS + state.step)
+  for result in killed_cluster["results"]:
+    assert result["replica_batches"] == [BATCH // 2] * left
+
+
+def test_resumed_workers_end_with_identical_weights(killed_cluster):
+  chief, worker = (r["snapshots"] for r in killed_cluster["results"])
+  assert sorted(chief) == sorted(worker) == [1]
+  saved = train.load_trained_model(killed_cluster["workdir"])
+  for layer in ("backbone", "classifier"):
+    assert changed_keys(chief[1][layer], worker[1][layer]) == set()
+    in_file = {v.path: v.numpy() for v in saved.get_layer(layer).weights}
+    assert in_file.keys() == worker[1][layer].keys()
+    assert changed_keys(in_file, worker[1][layer]) == set()
+
+
+def test_workers_that_find_different_checkpoints_stop_before_training(
+    killed_cluster):
+  codes, logs = killed_cluster["mismatched"]
+  assert codes == [2, 2], "\n".join(log[-3000:] for log in logs)
+  for log in logs:
+    message = log.split("tf_finetune: error:")[-1]
+    assert "the workers would start from different points" in message
+    assert "Traceback" not in log and "Epoch 1/" not in log
+
+
+@pytest.fixture(scope="module")
+def killed_mirrored(inputs, tmp_path_factory):
+  """The mirrored run's flags, SIGKILLed mid-finetune, then rerun."""
+  dataset, weights, _ = inputs
+  tmp = tmp_path_factory.mktemp("killed_mirrored")
+  workdir = str(tmp / "work")
+  flags = training_flags(dataset, weights, workdir, ON_IMAGES,
+                         "--strategy=mirrored", "--virtual_cpu_devices=2",
+                         "--save_every_steps=1")
+  process, _ = run_driver(tmp, "killed", flags, kill_at=KILL_AT)
+  assert wait_all([process], 1200) == [-signal.SIGKILL], read(
+      tmp / "killed.log")[-3000:]
+  state = checkpoints.read_state(workdir)
+  process, out = run_driver(tmp, "resumed", flags)
+  assert wait_all([process], 1200) == [0], read(tmp / "resumed.log")[-3000:]
+  return dict(workdir=workdir, state=state, log=read(tmp / "resumed.log"),
+              result=load_pickle(out))
+
+
+def test_mirrored_resumes_at_the_checkpointed_step(killed_mirrored):
+  state = killed_mirrored["state"]
+  assert (state.stage, state.epoch, state.step) == ("finetune", KILL_AT[0],
+                                                     KILL_AT[1] - 1)
+  assert resuming_line(killed_mirrored["workdir"], state, 2) in (
+      killed_mirrored["log"])
+  left = 2 * STEPS - (state.epoch * STEPS + state.step)
+  assert killed_mirrored["result"]["replica_batches"] == [BATCH // 2] * (
+      2 * left)
+  with open(os.path.join(killed_mirrored["workdir"], "report.json")) as f:
+    finetune = json.load(f)["stages"][1]
+  assert finetune["resumed_at"] == [{"epoch": state.epoch,
+                                     "step": state.step}]
 
 
 def test_a_lost_worker_stops_the_others_with_a_clear_error(inputs, tmp_path):

@@ -15,10 +15,12 @@
 all replicas of all workers, so the same flags mean the same batches and
 learning rates on any number of devices. Learning rates are never rescaled.
 
-Multi-worker runs need three more things from this module: a workaround
+Multi-worker runs need four more things from this module: a workaround
 for Keras' `fit` under MultiWorkerMirroredStrategy
-(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`)
-and a clear error when a peer dies (`explain_peer_failures`).
+(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`),
+the check that all workers resume from the same checkpoint
+(`check_same_start`) and a clear error when a peer dies
+(`explain_peer_failures`).
 """
 
 import contextlib
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from typing import Dict, Optional
 
 import tensorflow as tf
@@ -242,6 +245,44 @@ def check_batch_split(strategy, batch_size: int,
 # ---------------------------------------------------------------- outputs
 
 
+def writes_outputs(strategy) -> bool:
+  """True unless this is a non-chief worker of a multi-worker run."""
+  return not is_multi_worker(strategy) or strategy.extended.should_checkpoint
+
+
+def check_same_start(strategy, start: str, workdir: str) -> None:
+  """Raises ClusterError unless every worker starts from the same point.
+
+  Args:
+    strategy: the run's strategy; anything but multi-worker passes.
+    start: where this worker starts, e.g. "no checkpoint".
+    workdir: named in the error.
+
+  Workers that resume from different checkpoints (or some from none: a
+  workdir that is not shared) would run different steps and then hang or
+  fail in a collective; this finds out before anything trains.
+  """
+  if not is_multi_worker(strategy):
+    return
+  local = tf.constant([zlib.crc32(start.encode())], tf.int64)
+
+  @tf.function
+  def gather():
+    return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+        local, axis=0))
+
+  starts = strategy.experimental_local_results(gather())[0].numpy()
+  if len(set(starts.tolist())) > 1:
+    resolver = strategy.cluster_resolver
+    raise ClusterError(
+        f"the workers would start from different points: "
+        f"{resolver.task_type} {resolver.task_id} found {start} in "
+        f"--workdir={workdir!r}, another worker did not. Every "
+        "worker reads the chief's checkpoints from --workdir: give all of "
+        "them the same --workdir on storage they share, then restart every "
+        "worker.")
+
+
 @contextlib.contextmanager
 def chief_outputs(config: Config, strategy):
   """Yields the config to run with: writes go to the workdir on the chief only.
@@ -250,8 +291,10 @@ def chief_outputs(config: Config, strategy):
   evaluating involve collectives, so all must take part), but only the chief
   writes into `--workdir` and `--export_dir`. The others get a temporary
   folder instead, removed when the run ends, whether it succeeds or not.
+  They still resume from the chief's checkpoints in `--workdir`: call
+  `train.find_resume_state` with the config as given, before this.
   """
-  if not is_multi_worker(strategy) or strategy.extended.should_checkpoint:
+  if writes_outputs(strategy):
     yield config
     return
   resolver = strategy.cluster_resolver

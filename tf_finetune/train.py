@@ -28,24 +28,55 @@ def run_training(config: Config,
                  ) -> Dict:
   """Trains both stages, evaluates, saves, exports; returns the report.
 
-  In a multi-worker run every worker calls this; only the chief writes into
-  the workdir and export folder (see `distribute.chief_outputs`).
+  In a multi-worker run every worker calls this; all of them resume from
+  the checkpoint in the (shared) workdir, but only the chief writes into the
+  workdir and export folder (see `distribute.chief_outputs`).
   """
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
-  with (distribute.explain_peer_failures(strategy),
-        distribute.chief_outputs(config, strategy) as config):
-    return _train(config, strategy, extra_callbacks)
+  with distribute.explain_peer_failures(strategy):
+    # Read before a non-chief worker is pointed at its scratch folder: every
+    # worker resumes from the checkpoint the chief wrote into the workdir.
+    resume = find_resume_state(config, strategy)
+    folder = checkpoints.checkpoint_dir(config.workdir)
+    with distribute.chief_outputs(config, strategy) as config:
+      return _train(config, strategy, resume, folder, extra_callbacks)
+
+
+def find_resume_state(config: Config, strategy
+                      ) -> Optional[checkpoints.TrainingState]:
+  """The checkpoint every worker resumes from, or None for a fresh start.
+
+  The chief also deletes the checkpoints on --fresh; the other workers only
+  read them (the workdir is shared), so nothing races with the chief.
+
+  Raises:
+    UserError: the workdir holds another run's checkpoints.
+    ClusterError: the workers found different checkpoints.
+  """
+  if distribute.writes_outputs(strategy):
+    resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
+  else:
+    resume = checkpoints.check_workdir(config)
+  distribute.check_same_start(strategy, describe_start(resume),
+                              config.workdir)
+  return resume
+
+
+def describe_start(resume: Optional[checkpoints.TrainingState]) -> str:
+  """Where a run starts, as workers compare it: "checkpoint FILE" or "no
+  checkpoint" (checkpoint file names hold the epoch and step)."""
+  return "no checkpoint" if resume is None else f"checkpoint {resume.file}"
 
 
 def _train(config: Config, strategy,
+           resume: Optional[checkpoints.TrainingState], checkpoint_folder: str,
            extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
   started = time.perf_counter()
-  resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
   os.makedirs(config.workdir, exist_ok=True)
   run = set_up_run(config, strategy)
   model, datasets = run.model, run.datasets
-  stage_callback, best = start_stages(run, resume)
+  stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
   accuracies = evaluate_splits(model, datasets)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
