@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -82,9 +81,10 @@ finally:
 # ---------------------------------------------------------------- helpers
 
 
-def write_dataset(root):
+def write_dataset(root, train_per_class=TRAIN_PER_CLASS,
+                  val_per_class=VAL_PER_CLASS):
   """root/{train,val}/CLASS/*.png: exact split sizes, a colour per class."""
-  for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+  for split, count in (("train", train_per_class), ("val", val_per_class)):
     for c in range(CLASSES):
       folder = os.path.join(root, split, f"class{c}")
       os.makedirs(folder)
@@ -545,23 +545,136 @@ def test_cli_multi_worker_without_tf_config_exits_2(tmp_path):
   assert "Traceback" not in output
 
 
-def fake_strategy(devices):
-  extended = types.SimpleNamespace(worker_devices=devices)
-  return types.SimpleNamespace(num_replicas_in_sync=len(devices),
-                               extended=extended)
+# ---------------------------------------------------------------- padding
+
+# Last batches shorter than the replica count: 33 images in batches of 16
+# end with a batch of 1 for 2 replicas.
+ODD_PER_CLASS, ODD_BATCH = 11, 16
+
+# A tiny convolutional model under `mirrored` on 2 virtual CPUs, evaluated
+# on 33 padded examples and trained one SGD step on 3 padded to 4; prints
+# Keras' results next to the same quantities computed by hand.
+PADDED_KERAS = r"""
+import json
+import numpy as np, tensorflow as tf, keras
+from tf_finetune import distribute
+distribute.split_cpu(2)
+strategy = distribute.create_strategy("mirrored")
+keras.utils.set_random_seed(1)
+with strategy.scope():
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(4, 3)(inputs)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+  model.compile(optimizer=keras.optimizers.SGD(0.5),
+                loss=keras.losses.CategoricalCrossentropy(),
+                weighted_metrics=[keras.metrics.CategoricalAccuracy(
+                    name="accuracy")])
+rng = np.random.default_rng(0)
+images = rng.normal(size=(33, 8, 8, 3)).astype("float32")
+labels = rng.integers(0, 3, 33)
+one_hot = np.eye(3, dtype="float32")[labels]
+batches = tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(16)
+result = model.evaluate(distribute.pad_batches(batches, 2, 33, 16), verbose=0,
+                        return_dict=True)
+probabilities = model(images).numpy()
+hand = {"accuracy": float(np.mean(probabilities.argmax(1) == labels)),
+        "loss": float(np.mean(-np.log(probabilities[np.arange(33), labels])))}
+before = [v.numpy() for v in model.trainable_variables]
+with tf.GradientTape() as tape:
+  loss = keras.losses.CategoricalCrossentropy()(one_hot[:3], model(images[:3]))
+gradients = tape.gradient(loss, model.trainable_variables)
+three = tf.data.Dataset.from_tensor_slices((images[:3], one_hot[:3])).batch(3)
+model.fit(distribute.pad_batches(three, 2), verbose=0)
+step = max(float(np.max(np.abs(w - 0.5 * g.numpy() - v.numpy())))
+           for w, g, v in zip(before, gradients, model.trainable_variables))
+print(json.dumps({"keras": result, "hand": hand, "step_difference": step}))
+"""
 
 
-def test_batch_split_rejects_empty_cpu_replica_batches():
-  cpus = fake_strategy(("/cpu:0", "/cpu:1"))
-  distribute.check_batch_split(cpus, 8, {"train": 24, "val": 10, "test": 0})
-  with pytest.raises(UserError, match="last batch of the val split"):
-    distribute.check_batch_split(cpus, 8, {"train": 24, "val": 9})
-  with pytest.raises(UserError, match="--batch_size=1 is smaller"):
-    distribute.check_batch_split(cpus, 1, {"train": 24})
-  # GPUs handle an empty batch; one device never gets one.
-  distribute.check_batch_split(fake_strategy(("/gpu:0", "/gpu:1")), 8,
-                               {"val": 9})
-  distribute.check_batch_split(fake_strategy(("/cpu:0",)), 8, {"val": 9})
+def test_padding_makes_batches_split_evenly_and_weighs_pads_zero():
+  x = np.arange(66, dtype="float32").reshape(33, 2) + 1
+  y = np.eye(3, dtype="float32")[np.arange(33) % 3]
+  batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(ODD_BATCH)
+  assert distribute.pad_batches(batches, 1) is batches
+  for scale, padded in ((None, distribute.pad_batches(batches, 2)),
+                        (34 / 33, distribute.pad_batches(batches, 2, 33,
+                                                         ODD_BATCH))):
+    parts = list(padded)
+    assert [len(w) for *_, w in parts] == [16, 16, 2]
+    images = np.concatenate([p[0] for p in parts])
+    np.testing.assert_array_equal(images[:33], x)  # each once, in order
+    np.testing.assert_array_equal(images[33:], 0)
+    weights = np.concatenate([w for *_, w in parts])
+    # Training: the last batch's one image weighs 2/1; evaluation: all 34/33.
+    expected = [1.0] * 32 + [2.0] if scale is None else [scale] * 33
+    np.testing.assert_allclose(weights, expected + [0.0], rtol=1e-6)
+  assert distribute.padded_count(33, 16, 2) == 34
+  assert distribute.padded_count(5, 3, 4) == 8  # batches of 3 and 2 -> 4 + 4
+  assert distribute.pad_batches(None, 2) is None
+
+
+def test_padded_keras_averages_are_those_of_the_real_examples(tmp_path):
+  process = start([sys.executable, "-c", PADDED_KERAS], str(tmp_path / "log"))
+  assert wait_all([process], 300) == [0], read(tmp_path / "log")[-3000:]
+  result = json.loads(read(tmp_path / "log").strip().splitlines()[-1])
+  assert result["keras"]["accuracy"] == pytest.approx(
+      result["hand"]["accuracy"], abs=1e-6)
+  assert result["keras"]["loss"] == pytest.approx(result["hand"]["loss"],
+                                                  rel=1e-5)
+  # The padded step under two replicas moved the weights as one device's
+  # step on the three real examples does.
+  assert result["step_difference"] < 1e-5
+
+
+@pytest.fixture(scope="module")
+def odd_split_run(inputs, tmp_path_factory):
+  """`mirrored` on 2 virtual CPUs, --batch_size=16, 33 training and 33
+  validation images, then --mode=evaluate (on the validation split)."""
+  _, weights, _ = inputs
+  tmp = tmp_path_factory.mktemp("odd_split")
+  images = write_dataset(str(tmp / "images"), ODD_PER_CLASS, ODD_PER_CLASS)
+  workdir = str(tmp / "work")
+  flags = ["--flagfile=configs/smoke.cfg", f"--dataset=folder:{images}",
+           f"--weights={weights}", f"--workdir={workdir}",
+           f"--batch_size={ODD_BATCH}", "--test_fraction=0",
+           "--label_smoothing=0", "--strategy=mirrored",
+           "--virtual_cpu_devices=2"]
+  process, out = run_driver(tmp, "train", flags)
+  assert wait_all([process], 1200) == [0], read(tmp / "train.log")[-3000:]
+  process = start([sys.executable, "-m", "tf_finetune.main", *flags,
+                   "--mode=evaluate"], str(tmp / "evaluate.log"))
+  assert wait_all([process], 600) == [0], read(tmp / "evaluate.log")[-3000:]
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  with open(os.path.join(workdir, "evaluation.json")) as f:
+    evaluation = json.load(f)
+  return load_pickle(out), report, evaluation
+
+
+def test_odd_splits_train_every_image_once_on_cpu_replicas(odd_split_run):
+  result, report, _ = odd_split_run
+  count = CLASSES * ODD_PER_CLASS
+  assert report["num_examples"] == {"train": count, "val": count, "test": 0}
+  cache = report["stages"][0]["feature_cache"]
+  assert (cache["train_examples"], cache["val_examples"]) == (count, count)
+  # Per epoch (head on features, finetune on images): batches of 16, 16
+  # and 1 + 1 pad, halved over the two replicas, none empty.
+  assert result["replica_batches"] == [8, 8, 8, 8, 1, 1] * 2
+
+
+def test_odd_validation_split_is_evaluated_image_by_image(odd_split_run):
+  _, report, evaluation = odd_split_run
+  count = CLASSES * ODD_PER_CLASS
+  assert evaluation["split"] == "val"
+  assert evaluation["num_examples"] == count
+  assert np.sum(evaluation["confusion_matrix"]) == count
+  # Keras' padded, distributed evaluation counted what the hand count on
+  # the 33 real images counts.
+  assert report["val_accuracy"] == pytest.approx(evaluation["accuracy"],
+                                                 abs=1e-6)
+  assert report["kept"]["val_loss"] == pytest.approx(evaluation["loss"],
+                                                     rel=1e-3)
 
 
 def test_every_split_is_sharded_by_data(tmp_path):

@@ -78,7 +78,7 @@ def _train(config: Config, strategy,
   model, datasets = run.model, run.datasets
   stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
-  accuracies = evaluate_splits(model, datasets)
+  accuracies = evaluate_splits(model, datasets, config.batch_size)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   # A rerun after a kill between export and report finds its own version.
   export_path = export.export_saved_model(
@@ -130,9 +130,9 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
                model_seed: Optional[int] = None) -> Run:
   """The one setup of `--mode=train` and of every trial of `--mode=tune`.
 
-  Seeds, input pipelines, the batch split check, the speed switches, the
-  stage plan and the model, in this order, so that a trial with given
-  hyperparameters trains exactly what `--mode=train` with them trains.
+  Seeds, input pipelines, the speed switches, the stage plan and the
+  model, in this order, so that a trial with given hyperparameters trains
+  exactly what `--mode=train` with them trains.
 
   Args:
     config: the validated configuration.
@@ -144,8 +144,6 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
   seed = config.seed if model_seed is None else model_seed
   keras.utils.set_random_seed(seed)
   datasets = data.create_datasets(config)
-  distribute.check_batch_split(strategy, config.batch_size,
-                               datasets.num_examples)
   switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
   plan = stages.StagePlan.from_config(
       config, switches.jit_compile,
@@ -236,8 +234,13 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
   """
   config, plan, datasets, model = run.config, run.plan, run.datasets, run.model
   num_classes = len(datasets.class_names)
+  replicas = model.distribute_strategy.num_replicas_in_sync
   train = to_one_hot(datasets.train, num_classes)
   val = to_one_hot(datasets.val, num_classes)
+  # Every batch split evenly over the replicas; no-op on one.
+  padded_val = distribute.pad_batches(val, replicas,
+                                      datasets.num_examples["val"],
+                                      config.batch_size)
   unaugmented = (None if datasets.train_unaugmented is None
                  else to_one_hot(datasets.train_unaugmented, num_classes))
   head_end = plan.head_epochs if config.caches_features else 0
@@ -252,8 +255,9 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
         history = head.fit(segment.initial_epoch, segment.epochs,
                            segment.skip_batches, callbacks)
       else:
-        history = model.fit(train.skip(segment.skip_batches),
-                            validation_data=val,
+        history = model.fit(distribute.pad_batches(
+            train.skip(segment.skip_batches), replicas),
+                            validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
                             epochs=segment.epochs, callbacks=callbacks,
                             verbose=verbose)
@@ -286,14 +290,18 @@ def create_logging_callbacks(workdir: str, append: bool = False):
                                     append=append)]
 
 
-def evaluate_splits(model: keras.Model, datasets: data.Datasets
-                    ) -> Dict[str, float]:
-  """Accuracy on the validation split, and the test split when there is one."""
+def evaluate_splits(model: keras.Model, datasets: data.Datasets,
+                    batch_size: int) -> Dict[str, float]:
+  """Accuracy on the validation split, and the test split when there is one,
+  each image counted once under any strategy (`distribute.pad_batches`)."""
   num_classes = len(datasets.class_names)
+  replicas = model.distribute_strategy.num_replicas_in_sync
   splits = {"val": datasets.val, "test": datasets.test}
   return {
-      name: float(model.evaluate(to_one_hot(ds, num_classes), verbose=0,
-                                 return_dict=True)["accuracy"])
+      name: float(model.evaluate(
+          distribute.pad_batches(to_one_hot(ds, num_classes), replicas,
+                                 datasets.num_examples[name], batch_size),
+          verbose=0, return_dict=True)["accuracy"])
       for name, ds in splits.items() if ds is not None
   }
 
