@@ -255,8 +255,10 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
         history = head.fit(segment.initial_epoch, segment.epochs,
                            segment.skip_batches, callbacks)
       else:
-        history = model.fit(distribute.pad_batches(
-            train.skip(segment.skip_batches), replicas),
+        images, steps = training_batches(datasets, num_classes, segment,
+                                         plan.steps_per_epoch)
+        history = model.fit(distribute.pad_batches(images, replicas),
+                            steps_per_epoch=steps,
                             validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
                             epochs=segment.epochs, callbacks=callbacks,
@@ -265,6 +267,26 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
       if model.stop_training:  # Early stopping (search trials).
         break
   return history
+
+
+def training_batches(datasets: data.Datasets, num_classes: int,
+                     segment: checkpoints.FitSegment, steps_per_epoch: int
+                     ) -> Tuple[tf.data.Dataset, Optional[int]]:
+  """The training images of a fit on images, and its steps per epoch.
+
+  From `datasets.train_from`: the batches an uninterrupted run trains on
+  from the segment's epoch and step on, whatever ran before in this
+  process; `fit` takes `steps_per_epoch` of them per epoch (fewer in an
+  epoch that skips its first batches, which `fit_segments` fits alone).
+  Without it, `datasets.train`, one pass per epoch.
+  """
+  if datasets.train_from is None:
+    return (to_one_hot(datasets.train, num_classes).skip(
+        segment.skip_batches), None)
+  batches = datasets.train_from(segment.initial_epoch, segment.epochs).skip(
+      segment.skip_batches)
+  return (to_one_hot(batches, num_classes),
+          steps_per_epoch - segment.skip_batches)
 
 
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
