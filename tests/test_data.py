@@ -1,6 +1,7 @@
 """Tests of the input stage: folder, demo and TFDS sources, splits, batches."""
 
 import io
+import math
 import os
 
 import numpy as np
@@ -529,3 +530,27 @@ def test_tfds_own_validation_split_label_names_and_mixed_labels(tmp_path):
       dataset = getattr(datasets, split)
       assert dataset.element_spec[1].dtype == tf.int32  # Never mixed.
       assert sum(len(l) for _, l in dataset) == datasets.num_examples[split]
+
+
+def test_an_epoch_is_the_same_whichever_epoch_the_input_starts_at(tmp_path):
+  """What a resumed run relies on: epoch e's batches, augmentation included,
+  depend on the seed and e only, not on the epochs drawn before."""
+  make_folder(tmp_path, {"a": 9, "b": 9})
+  config = make_config(tmp_path, batch_size=4,
+                       augment=("flip", "rotation", "contrast", "mixup"))
+
+  def batches(dataset, count):
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(count)]
+
+  first = data.create_datasets(config)
+  steps = math.ceil(first.num_examples["train"] / config.batch_size)
+  straight = batches(first.train_from(0, 3), 3 * steps)
+  later = data.create_datasets(config)  # as in a resumed process
+  batches(later.train, steps)  # draws that must not matter
+  resumed = batches(later.train_from(2, 3).skip(1), steps - 1)
+  for (x, y), (x_resumed, y_resumed) in zip(straight[2 * steps + 1:],
+                                            resumed, strict=True):
+    np.testing.assert_array_equal(x_resumed, x)
+    np.testing.assert_array_equal(y_resumed, y)
+  # Each epoch draws its own order and augmentation.
+  assert not np.array_equal(straight[0][0], straight[steps][0])

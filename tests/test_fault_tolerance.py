@@ -753,3 +753,52 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
           "checkpoint, written before that (after epoch 1/3)") in str(
               raised.value)
   assert checkpoints.read_state(str(tmp_path)).epoch == 1
+
+
+# ------------------------------------ a resumed run trains the same batches
+
+
+@pytest.fixture(scope="module")
+def stopped_and_straight(tmp_path_factory, weights_file):
+  """The same flags (shuffling and augmentation on) run twice: once
+  uninterrupted, once stopped by SIGINT mid-finetune and rerun."""
+  base = tmp_path_factory.mktemp("same_batches")
+  images = str(base / "images")
+  write_images(images)
+
+  def command(workdir):
+    # 18 training images in batches of 4: 5 steps an epoch, the last of 2.
+    return ("--flagfile=configs/smoke.cfg", f"--workdir={workdir}",
+            f"--dataset=folder:{images}", f"--weights={weights_file[0]}",
+            f"--image_size={SIZE}", "--batch_size=4", "--test_fraction=0",
+            "--head_epochs=1", "--finetune_epochs=2", "--unfreeze_blocks=1",
+            "--augment=flip,rotation,contrast", "--save_every_steps=1")
+
+  straight = str(base / "straight")
+  code, _, err = finish(start_cli(*command(straight)))
+  assert code == 0, err[-3000:]
+  stopped = str(base / "stopped")
+  process = start_cli(*command(stopped))
+  poll_state(stopped, process,
+             lambda s: s.stage == "finetune" and s.step >= 1)
+  process.send_signal(signal.SIGINT)
+  code, _, err = finish(process)
+  assert code == 130, err[-3000:]
+  state = checkpoints.read_state(stopped)
+  code, _, err = finish(start_cli(*command(stopped)))
+  assert code == 0, err[-3000:]
+  return straight, stopped, state, err
+
+
+def test_a_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
+    stopped_and_straight):
+  straight, stopped, state, err = stopped_and_straight
+  assert state.stage == "finetune" and state.step > 0  # mid-epoch
+  position = checkpoints.describe_position(state.epoch, state.step, 3)
+  assert f"{position} (stage 'finetune')" in err
+  expected = train.load_trained_model(straight).weights
+  actual = train.load_trained_model(stopped).weights
+  assert [v.path for v in actual] == [v.path for v in expected]
+  for resumed, uninterrupted in zip(actual, expected):
+    np.testing.assert_array_equal(resumed.numpy(), uninterrupted.numpy(),
+                                  err_msg=resumed.path)

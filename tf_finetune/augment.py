@@ -37,7 +37,11 @@ a plain `RandomFlip` (a mirror, no resampling).
 Seeds: every layer draws from its own `keras.random.SeedGenerator`, so the
 same names and `--seed` give the same sequence of transforms. The state
 advances with each batch, so the random parameters are drawn in batch
-order, and only the pixel work runs in parallel (`Augmenter`).
+order, and only the pixel work runs in parallel (`Augmenter`). Given an
+epoch (`augment_dataset(..., epoch=...)`), each batch's draws depend only
+on `--seed`, the epoch and the batch's index in it: a run resumed in the
+middle of an epoch augments its remaining batches as an uninterrupted run
+does.
 """
 
 import math
@@ -206,18 +210,29 @@ class Augmenter:
     self.layers = layers
     self.mixers = mixers
     self.choice_seed = keras.random.SeedGenerator(seed)
+    # Augmentation layers hold no weights: their variables are the states
+    # of their seed generators (sub-layers' included), [seed, counter].
+    self.seed_states = [variable for layer in layers + mixers
+                        for variable in layer.variables]
+    self.seed_states.append(self.choice_seed.state)
+    self.initial_seeds = [int(state.numpy()[0]) for state in self.seed_states]
 
   @property
   def mixes_labels(self) -> bool:
     return bool(self.mixers)
 
-  def draw(self, images, labels=None) -> dict:
+  def draw(self, images, labels=None, key=None) -> dict:
     """The random parameters for one batch (advances the seed generators).
 
     Args:
       images: [B, H, W, 3]; only the shape is used.
       labels: one-hot [B, C] when mixing, else unused.
+      key: (epoch, batch index) int64 tensors: the draws then depend on the
+        key alone, not on the batches drawn before (`seed_for_batch`).
     """
+    if key is not None:
+      with tf.control_dependencies(self.seed_for_batch(*key)):
+        return self.draw(images, labels)
     params = {"layers": [layer.get_random_transformation(images, training=True)
                          for layer in self.layers]}
     if self.mixers:
@@ -227,6 +242,19 @@ class Augmenter:
       params["mixers"] = [mixer.get_random_transformation(data, training=True)
                           for mixer in self.mixers]
     return params
+
+  def seed_for_batch(self, epoch, batch) -> list:
+    """Sets every seed generator to a state made of (its seed, epoch, batch)
+    alone; returns the assignments.
+
+    The first word moves by 2**20 per epoch (seeds of different layers are
+    _SEED_STRIDE apart, so they never meet); the second leaves 2**12 draws
+    per batch, far more than a batch makes.
+    """
+    return [state.assign(tf.cast(tf.stack([
+        seed + tf.cast(epoch, tf.int64) * (1 << 20),
+        tf.cast(batch, tf.int64) * (1 << 12)]), state.dtype))
+            for state, seed in zip(self.seed_states, self.initial_seeds)]
 
   def apply(self, images, labels, params: dict):
     """Augments float32 images (and mixes one-hot labels) as `params` say."""
@@ -342,7 +370,8 @@ def augment_labelled_batch(augmenter: Optional[Augmenter], images: tf.Tensor,
 
 
 def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
-                    num_classes: int) -> tf.data.Dataset:
+                    num_classes: int, first_epoch: Optional[int] = None,
+                    steps_per_epoch: int = 0) -> tf.data.Dataset:
   """`augment_labelled_batch` over a dataset of batches, deterministic and
   parallel.
 
@@ -350,6 +379,16 @@ def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
   seed always gives the same transforms (one parallel map of the stateful
   layers would not); the pixel work runs in a parallel map (AUTOTUNE, order
   kept), so several batches can be augmented at once (BUILD_NOTES.md).
+
+  Args:
+    augmenter: from `build_augmenter`, or None (nothing to do).
+    dataset: batches of (uint8 images, int labels); with `first_epoch`,
+      those of consecutive epochs from it, `steps_per_epoch` each.
+    num_classes: for the one-hot labels of label-mixing augmentation.
+    first_epoch: batch i of epoch e draws from (seed, e, i) only
+      (`Augmenter.seed_for_batch`); None: from the generators' running
+      state, so every pass over `dataset` differs.
+    steps_per_epoch: batches per epoch, with `first_epoch`.
   """
   if augmenter is None:
     return dataset
@@ -358,9 +397,9 @@ def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
   # Python ints) here when tf.data traces it, which is before `apply_batch`.
   template = {}
 
-  def draw_batch(images, labels):
+  def draw_batch(images, labels, key=None):
     labels = _prepare_labels(augmenter, labels, num_classes)
-    params = augmenter.draw(images, labels)
+    params = augmenter.draw(images, labels, key)
     flat = tf.nest.flatten(params)
     template.update(params=params, flat=flat,
                     is_tensor=[tf.is_tensor(leaf) for leaf in flat])
@@ -375,9 +414,14 @@ def augment_dataset(augmenter: Optional[Augmenter], dataset: tf.data.Dataset,
                                         params)
     return _to_uint8(augmented, images.shape), labels
 
-  return (dataset.map(draw_batch)
-          .map(apply_batch, num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=True))
+  if first_epoch is None:
+    drawn = dataset.map(draw_batch)
+  else:
+    drawn = dataset.enumerate().map(
+        lambda index, batch: draw_batch(*batch, key=(
+            first_epoch + index // steps_per_epoch, index % steps_per_epoch)))
+  return drawn.map(apply_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                   deterministic=True)
 
 
 def _prepare_labels(augmenter: Augmenter, labels, num_classes: int):

@@ -5,14 +5,17 @@ Layout of WORKDIR/checkpoints/ (removed once a run has written its report):
   checkpoint.json           the pointer: which weights file is current, the
                             position it was saved at (epoch, step), the stage
                             its optimizer belongs to, the stage records so
-                            far, the run's fingerprint and its id. Replaced
+                            far, the run's fingerprint and its id, and the
+                            states of the model's random seed generators
+                            (Dropout's), which Keras weights files leave
+                            out (`seed_states`). Replaced
                             atomically, and only after the file it names is
                             complete on disk (files.py).
   ckpt-EEEE-SSSSSS.weights.h5
-                            Keras weights file: every model variable
-                            (BatchNorm statistics and the dropout seed state
-                            included) and the stage's optimizer variables
-                            (Adam moments, iteration count, learning rate).
+                            Keras weights file: every model weight
+                            (BatchNorm statistics included) and the stage's
+                            optimizer variables (Adam moments, iteration
+                            count, learning rate).
 
 Why not `keras.callbacks.BackupAndRestore` (Keras 3.15.1): it overwrites its
 weights file in place and writes the epoch next to it afterwards, so a crash
@@ -92,6 +95,8 @@ class TrainingState:
       has none: its run is then not recognised by its export.
     best: the best epoch so far (`selection.BestWeights.state`), or None.
     best_file: the file of its weights inside the checkpoint folder.
+    seed_states: `seed_states(model)` when saved; None in pointers written
+      before they were kept.
   """
   epoch: int
   step: int
@@ -103,6 +108,7 @@ class TrainingState:
   run_id: str = ""
   best: Optional[Dict] = None
   best_file: Optional[str] = None
+  seed_states: Optional[List[List[int]]] = None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -240,9 +246,40 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
         f"Cannot load the checkpoint {path} "
         f"({type(e).__name__}: {str(e).strip()[:300]}). Pass --fresh to "
         "start over.") from e
+  if state.seed_states is not None:
+    restore_seed_states(model, state.seed_states)
   logging.info("Resuming from %s, %s (stage %r).", path,
                describe_position(state.epoch, state.step, plan.total_epochs),
                state.stage)
+
+
+def seed_state_variables(model: keras.Model) -> List:
+  """The model's variables that its weights file leaves out: the states of
+  its random seed generators (Dropout's), in a fixed order.
+
+  Keras saves `model.weights` only; `model.variables` also holds each
+  SeedGenerator's state. Without it a resumed run would draw other dropout
+  masks than an uninterrupted one from the first resumed step on.
+  """
+  saved = {id(v) for v in model.weights}
+  return [v for v in model.variables if id(v) not in saved]
+
+
+def seed_states(model: keras.Model) -> List[List[int]]:
+  """The values of `seed_state_variables(model)`, as JSON lists."""
+  return [np.asarray(v.numpy()).tolist() for v in seed_state_variables(model)]
+
+
+def restore_seed_states(model: keras.Model, values: List[List[int]]) -> None:
+  """Assigns what `seed_states` returned to the model's seed generators."""
+  variables = seed_state_variables(model)
+  if len(variables) != len(values):
+    raise UserError(
+        f"The checkpoint holds {len(values)} random seed states, the model "
+        f"has {len(variables)}: it was written by another version of "
+        "tf_finetune. Pass --fresh to start over.")
+  for variable, value in zip(variables, values):
+    variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def restore_best(best, state: TrainingState, folder: str) -> None:
@@ -414,7 +451,7 @@ class Checkpointer(keras.callbacks.Callback):
         num_optimizer_variables=len(self.model.optimizer.variables),
         fingerprint=self.fingerprint, run_id=self.run_id,
         best=self.best.state() if self.best else None,
-        best_file=self._best_file)
+        best_file=self._best_file, seed_states=seed_states(self.model))
     files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
                             {"format": _FORMAT, **dataclasses.asdict(state)},
                             indent=1)

@@ -26,7 +26,9 @@ measures it against the tutorial pipeline.
 """
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Tuple
+import functools
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -71,6 +73,11 @@ class Datasets:
     train_unaugmented: the training split like `val`: fixed order, not
       augmented (stage head's cached features with --feature_views=1,
       features.py); None: `train` stands in for it.
+    train_from: (first epoch, end epoch) -> the training batches of epochs
+      [first, end), `ceil(num_examples["train"] / batch size)` per epoch.
+      Epoch e's order and augmentation depend only on --seed and e, so a
+      run resumed at any epoch and step trains on the batches an
+      uninterrupted run would. None (stand-ins in tests): `train` is used.
   """
   train: tf.data.Dataset
   val: tf.data.Dataset
@@ -79,6 +86,7 @@ class Datasets:
   num_examples: dict
   skipped_files: list
   train_unaugmented: Optional[tf.data.Dataset] = None
+  train_from: Optional[Callable[[int], tf.data.Dataset]] = None
 
 
 def create_datasets(config: Config) -> Datasets:
@@ -113,32 +121,84 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
     load: maps one record to (uint8 [S, S, 3], int32 label).
     num_examples: number of records.
     config: for image size, batch size and seed.
-    training: shuffle each pass (seeded) and augment.
+    training: shuffle each pass (seeded) and augment (`_training_inputs`).
     augmenter: from `augment.build_augmenter`, or None.
     num_classes: for the one-hot labels of label-mixing augmentation.
     cache: keep decoded images in memory; None: when they fit
       CACHE_BUDGET_BYTES.
   """
+  if training:
+    return _training_inputs(records, load, num_examples, config, augmenter,
+                            num_classes, cache)[0]
+  dataset = _decode(records, load, num_examples, config, cache)
+  return shard_by_data(dataset.batch(config.batch_size).prefetch(
+      tf.data.AUTOTUNE))
+
+
+def _decode(records: tf.data.Dataset, load, num_examples: int,
+            config: Config, cache: Optional[bool]) -> tf.data.Dataset:
+  """Decoded examples in the records' order, cached in memory when `cache`
+  (None: when they fit CACHE_BUDGET_BYTES)."""
   if cache is None:
     cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
-  if training and not cache:
-    # Shuffling records before decoding keeps the buffer small.
-    records = records.shuffle(min(num_examples, RECORD_SHUFFLE_BUFFER),
-                              seed=config.seed, reshuffle_each_iteration=True)
   # Deterministic order: with a seed, the same run sees the same batches.
   dataset = records.map(load, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
-  if cache:
-    dataset = dataset.cache()
-    if training:
-      dataset = dataset.shuffle(num_examples, seed=config.seed,
-                                reshuffle_each_iteration=True)
-  dataset = dataset.batch(config.batch_size)
-  if training:
-    # Random parameters drawn in order, pixels transformed in parallel:
-    # deterministic for a seed, and the costly part uses every core.
-    dataset = augment_lib.augment_dataset(augmenter, dataset, num_classes)
-  return shard_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+  return dataset.cache() if cache else dataset
+
+
+def _training_inputs(records: tf.data.Dataset, load, num_examples: int,
+                     config: Config, augmenter, num_classes: int,
+                     cache: Optional[bool] = None
+                     ) -> Tuple[tf.data.Dataset,
+                                Callable[[int], tf.data.Dataset]]:
+  """(`Datasets.train`, `Datasets.train_from`) of a training split; both
+  read one decode cache.
+
+  A cached split is shuffled after decoding, in one buffer; one too big to
+  cache is shuffled before decoding (the buffer then holds records, not
+  images). Epoch e of `train_from` is shuffled with a seed made of --seed
+  and e, and augmented with draws keyed by (e, batch index).
+  """
+  if cache is None:
+    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+  decoded = _decode(records, load, num_examples, config, cache)
+
+  def shuffled(seed) -> tf.data.Dataset:
+    if cache:
+      return decoded.shuffle(num_examples, seed=seed,
+                             reshuffle_each_iteration=True)
+    return records.shuffle(
+        min(num_examples, RECORD_SHUFFLE_BUFFER), seed=seed,
+        reshuffle_each_iteration=True).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return shard_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+
+  # Random parameters drawn in order, pixels transformed in parallel:
+  # deterministic for a seed, and the costly part uses every core.
+  train = finish(augment_lib.augment_dataset(
+      augmenter, shuffled(config.seed).batch(config.batch_size), num_classes))
+  steps_per_epoch = math.ceil(num_examples / config.batch_size)
+
+  def train_from(first_epoch: int, end_epoch: int) -> tf.data.Dataset:
+    # One shuffle per epoch, seeded in Python: a tensor seed (e.g. from a
+    # flat_map over epoch numbers) fails in tf.data when the global seed
+    # is 0 (TensorFlow compares the pair of seeds with Python's ==).
+    epochs = [shuffled(epoch_seed(config.seed, epoch)).batch(config.batch_size)
+              for epoch in range(first_epoch, end_epoch)]
+    batches = functools.reduce(tf.data.Dataset.concatenate, epochs)
+    return finish(augment_lib.augment_dataset(
+        augmenter, batches, num_classes, first_epoch=first_epoch,
+        steps_per_epoch=steps_per_epoch))
+
+  return train, train_from
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The shuffle seed of one epoch: --seed and the epoch's number."""
+  return seed * (1 << 20) + epoch
 
 
 def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -169,17 +229,21 @@ def _folder_datasets(root: str, config: Config) -> Datasets:
   class_names, splits, skipped = folder_source.list_folder_splits(root, config)
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
 
-  def make(split: str, training: bool) -> Optional[tf.data.Dataset]:
+  def make(split: str) -> Optional[tf.data.Dataset]:
     if not splits[split]:
       return None
     return files_pipeline(splits[split], config, len(class_names),
-                          training=training, augmenter=augmenter)
+                          training=False)
 
+  train, train_from = _training_inputs(
+      *_file_records(splits["train"], config), len(splits["train"]), config,
+      augmenter, len(class_names))
   return Datasets(
-      train=make("train", True), val=make("val", False),
-      test=make("test", False), class_names=class_names,
+      train=train, val=make("val"), test=make("test"),
+      class_names=class_names,
       num_examples={split: len(splits[split]) for split in SPLITS},
-      skipped_files=skipped, train_unaugmented=make("train", False))
+      skipped_files=skipped, train_unaugmented=make("train"),
+      train_from=train_from)
 
 
 def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
@@ -199,6 +263,13 @@ def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
     augmenter: from `augment.build_augmenter`, or None.
     cache: keep decoded images in memory; None decides by CACHE_BUDGET_BYTES.
   """
+  records, load = _file_records(files, config)
+  return _batches(records, load, len(files), config, training, augmenter,
+                  num_classes, cache)
+
+
+def _file_records(files: Sequence[Tuple[str, int]], config: Config):
+  """(records of (path, label), the function that loads one)."""
   paths, labels = zip(*files)
   records = tf.data.Dataset.from_tensor_slices(
       (list(paths), tf.constant(labels, tf.int32)))
@@ -206,8 +277,7 @@ def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
   def load(path, label):
     return decode_and_resize(tf.io.read_file(path), config.image_size), label
 
-  return _batches(records, load, len(files), config, training, augmenter,
-                  num_classes, cache)
+  return records, load
 
 
 # -------------------------------------------------------------------- tfds
@@ -241,23 +311,29 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}
 
-  def make(tfds_split: str, training: bool) -> Tuple[tf.data.Dataset, int]:
+  def read(tfds_split: str, training: bool) -> Tuple[tf.data.Dataset, int]:
     records = builder.as_dataset(
         split=tfds_split, shuffle_files=training, decoders=decoders,
         read_config=tfds.ReadConfig(shuffle_seed=config.seed))
-    count = _count(records, builder.info, tfds_split)
-    return _batches(records, load, count, config, training, augmenter,
-                    num_classes), count
+    return records, _count(records, builder.info, tfds_split)
+
+  def make(tfds_split: str) -> Tuple[tf.data.Dataset, int]:
+    records, count = read(tfds_split, False)
+    return _batches(records, load, count, config, False), count
 
   split_names = _tfds_split_names(builder.info, name, config)
   for split, tfds_split in split_names.items():
-    datasets[split], counts[split] = make(tfds_split, split == "train")
+    if split != "train":
+      datasets[split], counts[split] = make(tfds_split)
+  records, counts["train"] = read(split_names["train"], True)
+  train, train_from = _training_inputs(records, load, counts["train"], config,
+                                       augmenter, num_classes)
   return Datasets(
-      train=datasets["train"], val=datasets["val"], test=datasets.get("test"),
+      train=train, val=datasets["val"], test=datasets.get("test"),
       class_names=list(builder.info.features[label_key].names),
       num_examples={split: counts.get(split, 0) for split in SPLITS},
       skipped_files=[],
-      train_unaugmented=make(split_names["train"], False)[0])
+      train_unaugmented=make(split_names["train"])[0], train_from=train_from)
 
 
 def _prepare_tfds_builder(tfds, name: str, version: Optional[str],

@@ -15,10 +15,12 @@
 all replicas of all workers, so the same flags mean the same batches and
 learning rates on any number of devices. Learning rates are never rescaled.
 
-Multi-worker runs need three more things from this module: a workaround
+Multi-worker runs need four more things from this module: a workaround
 for Keras' `fit` under MultiWorkerMirroredStrategy
-(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`)
-and a clear error when a peer dies (`explain_peer_failures`).
+(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`),
+the check that all workers resume from the same checkpoint
+(`check_same_start`) and a clear error when a peer dies
+(`explain_peer_failures`).
 """
 
 import contextlib
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from typing import Dict, Optional
 
 import tensorflow as tf
@@ -210,36 +213,111 @@ def is_multi_worker(strategy) -> bool:
           and strategy.extended._in_multi_worker_mode())
 
 
-def check_batch_split(strategy, batch_size: int,
-                      num_examples: Dict[str, int]) -> None:
-  """Raises UserError when a CPU replica would get an empty batch.
+def padded_count(num_examples: int, batch_size: int, replicas: int) -> int:
+  """Examples in a split's batches once `pad_batches` has padded them."""
+  def round_up(count):
+    return -(-count // replicas) * replicas
+  full, last = divmod(num_examples, batch_size)
+  return full * round_up(batch_size) + (round_up(last) if last else 0)
 
-  tf.distribute gives each replica an equal part of every batch, so a last
-  batch with fewer images than replicas leaves some replica nothing. With
-  oneDNN (TF 2.21's default on x86 CPUs) Conv2D mishandles an empty batch
-  and the step fails ("Matrix size-incompatible", see BUILD_NOTES.md); GPUs
-  are fine. So on CPU replicas every batch must hold at least one image per
-  replica.
+
+def pad_batches(dataset: Optional[tf.data.Dataset], replicas: int,
+                num_examples: Optional[int] = None,
+                batch_size: Optional[int] = None
+                ) -> Optional[tf.data.Dataset]:
+  """(x, y) batches -> (x, y, sample_weight) batches that split evenly.
+
+  Workaround: tf.distribute gives each replica an equal part of every batch,
+  so a batch with fewer examples than replicas leaves a replica an empty
+  one, and on CPUs oneDNN's Conv2D fails on an empty batch ("Matrix
+  size-incompatible"; BUILD_NOTES.md, "Workarounds"; no upstream issue
+  found). Keras' first validation batch must also split evenly
+  (keras-team/keras#19246). So every batch is padded with zero examples up
+  to a multiple of `replicas`; they carry sample weight 0, which Keras'
+  losses and weighted metrics ignore (ARCHITECTURE.md).
+
+  The real examples are weighted so that Keras' averages stay those of the
+  real examples. Keras divides a replica's weighted loss sum by its batch
+  size, pads included, and its loss average weighs each replica batch by
+  that size:
+  - training (`num_examples` None): in a batch of n real examples padded to
+    m, weight m / n, so a step's loss (and gradient) is the mean over its n
+    examples, as on one device;
+  - evaluation (`num_examples` and `batch_size` given): every real example
+    weighs padded_count / num_examples, so the loss and the weighted
+    accuracy over the split are the means over its real examples, each
+    counted once.
+
+  Args:
+    dataset: batches of (x, y); None passes through.
+    replicas: the strategy's replicas in sync; with 1 nothing changes.
+    num_examples: the split's size, for evaluation weights.
+    batch_size: the split's batch size, with `num_examples`.
   """
-  replicas = strategy.num_replicas_in_sync
-  if replicas < 2 or any("GPU" in d.upper()
-                         for d in strategy.extended.worker_devices):
-    return
-  fix = ("choose a --batch_size that leaves no such remainder, or set "
-         "TF_ENABLE_ONEDNN_OPTS=0")
-  if batch_size < replicas:
-    raise UserError(f"--batch_size={batch_size} is smaller than the "
-                    f"{replicas} CPU replicas; each needs at least one image.")
-  for split, count in num_examples.items():
-    remainder = count % batch_size
-    if 0 < remainder < replicas:
-      raise UserError(
-          f"--batch_size={batch_size}: the last batch of the {split} split "
-          f"({count} images) holds {remainder}, fewer than the {replicas} CPU "
-          f"replicas, and oneDNN's Conv2D fails on an empty one; {fix}.")
+  if dataset is None or replicas <= 1:
+    return dataset
+  scale = (None if num_examples is None else
+           padded_count(num_examples, batch_size, replicas) / num_examples)
+
+  def pad(x, y):
+    real = tf.shape(x)[0]
+    pads = -real % replicas
+
+    def extend(tensor):
+      zeros = tf.zeros(tf.concat([[pads], tf.shape(tensor)[1:]], 0),
+                       tensor.dtype)
+      return tf.ensure_shape(tf.concat([tensor, zeros], 0),
+                             [None, *tensor.shape[1:]])
+
+    count = tf.cast(real, tf.float32)
+    weight = ((count + tf.cast(pads, tf.float32)) / count if scale is None
+              else tf.constant(scale, tf.float32))
+    weights = tf.concat([tf.fill([real], weight), tf.zeros([pads])], 0)
+    return extend(x), extend(y), weights
+
+  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True)
 
 
 # ---------------------------------------------------------------- outputs
+
+
+def writes_outputs(strategy) -> bool:
+  """True unless this is a non-chief worker of a multi-worker run."""
+  return not is_multi_worker(strategy) or strategy.extended.should_checkpoint
+
+
+def check_same_start(strategy, start: str, workdir: str) -> None:
+  """Raises ClusterError unless every worker starts from the same point.
+
+  Args:
+    strategy: the run's strategy; anything but multi-worker passes.
+    start: where this worker starts, e.g. "no checkpoint".
+    workdir: named in the error.
+
+  Workers that resume from different checkpoints (or some from none: a
+  workdir that is not shared) would run different steps and then hang or
+  fail in a collective; this finds out before anything trains.
+  """
+  if not is_multi_worker(strategy):
+    return
+  local = tf.constant([zlib.crc32(start.encode())], tf.int64)
+
+  @tf.function
+  def gather():
+    return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+        local, axis=0))
+
+  starts = strategy.experimental_local_results(gather())[0].numpy()
+  if len(set(starts.tolist())) > 1:
+    resolver = strategy.cluster_resolver
+    raise ClusterError(
+        f"the workers would start from different points: "
+        f"{resolver.task_type} {resolver.task_id} found {start} in "
+        f"--workdir={workdir!r}, another worker did not. Every "
+        "worker reads the chief's checkpoints from --workdir: give all of "
+        "them the same --workdir on storage they share, then restart every "
+        "worker.")
 
 
 @contextlib.contextmanager
@@ -250,8 +328,10 @@ def chief_outputs(config: Config, strategy):
   evaluating involve collectives, so all must take part), but only the chief
   writes into `--workdir` and `--export_dir`. The others get a temporary
   folder instead, removed when the run ends, whether it succeeds or not.
+  They still resume from the chief's checkpoints in `--workdir`: call
+  `train.find_resume_state` with the config as given, before this.
   """
-  if not is_multi_worker(strategy) or strategy.extended.should_checkpoint:
+  if writes_outputs(strategy):
     yield config
     return
   resolver = strategy.cluster_resolver

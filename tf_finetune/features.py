@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import files, stages
+from tf_finetune import distribute, files, stages
 from tf_finetune.model import FEATURES_NAME
 
 CACHE_DIR = "feature_cache"
@@ -143,17 +143,20 @@ class CachedHeadStage:
     # shares its layers and optimizer, so weights, learning rate and
     # checkpoints read the same through either, but a callback reading the
     # backbone, or saving the model, needs the full one.
+    replicas = self.model.distribute_strategy.num_replicas_in_sync
+    validation = None if self.val is None else distribute.pad_batches(
+        self.val.dataset().batch(batch_size), replicas, self.val.count,
+        batch_size)
     history = keras.callbacks.History()
     self.head.history = history  # What `fit` returns; History sets `model`'s.
     callback_list = keras.callbacks.CallbackList(
         [*callbacks, history], add_progbar=self.verbose != 0,
         model=self.model, verbose=self.verbose, epochs=epochs, steps=steps)
     self.head.fit(
-        train, steps_per_epoch=steps, epochs=epochs,
-        initial_epoch=initial_epoch,
-        validation_data=(self.val.dataset().batch(batch_size)
-                         if self.val else None),
-        callbacks=callback_list, verbose=self.verbose)
+        distribute.pad_batches(train, replicas), steps_per_epoch=steps,
+        epochs=epochs, initial_epoch=initial_epoch,
+        validation_data=validation, callbacks=callback_list,
+        verbose=self.verbose)
     return history
 
   def _compute(self) -> None:
@@ -225,7 +228,8 @@ def compile_head_model(head: keras.Model, model: keras.Model,
   loads it).
   """
   head.compile(optimizer=model.optimizer, loss=model.loss,
-               metrics=[stages.accuracy_metric()], jit_compile=jit_compile)
+               weighted_metrics=[stages.accuracy_metric()],
+               jit_compile=jit_compile)
 
 
 def shuffled_batches(view: "CachedView", batch_size: int, seed: int

@@ -128,7 +128,7 @@ def compile_model(model: keras.Model, learning_rate,
   model.compile(
       optimizer=optimizer,
       loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-      metrics=[accuracy_metric()], jit_compile=jit_compile)
+      weighted_metrics=[accuracy_metric()], jit_compile=jit_compile)
   # Built here, eagerly and in the strategy scope, not lazily inside the
   # first traced train step. `model.optimizer`, not `optimizer`: under
   # mixed_float16 compile wraps it in a LossScaleOptimizer, whose own

@@ -28,26 +28,57 @@ def run_training(config: Config,
                  ) -> Dict:
   """Trains both stages, evaluates, saves, exports; returns the report.
 
-  In a multi-worker run every worker calls this; only the chief writes into
-  the workdir and export folder (see `distribute.chief_outputs`).
+  In a multi-worker run every worker calls this; all of them resume from
+  the checkpoint in the (shared) workdir, but only the chief writes into the
+  workdir and export folder (see `distribute.chief_outputs`).
   """
   strategy = distribute.create_strategy(config.strategy,
                                         config.virtual_cpu_devices)
-  with (distribute.explain_peer_failures(strategy),
-        distribute.chief_outputs(config, strategy) as config):
-    return _train(config, strategy, extra_callbacks)
+  with distribute.explain_peer_failures(strategy):
+    # Read before a non-chief worker is pointed at its scratch folder: every
+    # worker resumes from the checkpoint the chief wrote into the workdir.
+    resume = find_resume_state(config, strategy)
+    folder = checkpoints.checkpoint_dir(config.workdir)
+    with distribute.chief_outputs(config, strategy) as config:
+      return _train(config, strategy, resume, folder, extra_callbacks)
+
+
+def find_resume_state(config: Config, strategy
+                      ) -> Optional[checkpoints.TrainingState]:
+  """The checkpoint every worker resumes from, or None for a fresh start.
+
+  The chief also deletes the checkpoints on --fresh; the other workers only
+  read them (the workdir is shared), so nothing races with the chief.
+
+  Raises:
+    UserError: the workdir holds another run's checkpoints.
+    ClusterError: the workers found different checkpoints.
+  """
+  if distribute.writes_outputs(strategy):
+    resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
+  else:
+    resume = checkpoints.check_workdir(config)
+  distribute.check_same_start(strategy, describe_start(resume),
+                              config.workdir)
+  return resume
+
+
+def describe_start(resume: Optional[checkpoints.TrainingState]) -> str:
+  """Where a run starts, as workers compare it: "checkpoint FILE" or "no
+  checkpoint" (checkpoint file names hold the epoch and step)."""
+  return "no checkpoint" if resume is None else f"checkpoint {resume.file}"
 
 
 def _train(config: Config, strategy,
+           resume: Optional[checkpoints.TrainingState], checkpoint_folder: str,
            extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
   started = time.perf_counter()
-  resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
   os.makedirs(config.workdir, exist_ok=True)
   run = set_up_run(config, strategy)
   model, datasets = run.model, run.datasets
-  stage_callback, best = start_stages(run, resume)
+  stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
-  accuracies = evaluate_splits(model, datasets)
+  accuracies = evaluate_splits(model, datasets, config.batch_size)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   # A rerun after a kill between export and report finds its own version.
   export_path = export.export_saved_model(
@@ -99,9 +130,9 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
                model_seed: Optional[int] = None) -> Run:
   """The one setup of `--mode=train` and of every trial of `--mode=tune`.
 
-  Seeds, input pipelines, the batch split check, the speed switches, the
-  stage plan and the model, in this order, so that a trial with given
-  hyperparameters trains exactly what `--mode=train` with them trains.
+  Seeds, input pipelines, the speed switches, the stage plan and the
+  model, in this order, so that a trial with given hyperparameters trains
+  exactly what `--mode=train` with them trains.
 
   Args:
     config: the validated configuration.
@@ -113,8 +144,6 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
   seed = config.seed if model_seed is None else model_seed
   keras.utils.set_random_seed(seed)
   datasets = data.create_datasets(config)
-  distribute.check_batch_split(strategy, config.batch_size,
-                               datasets.num_examples)
   switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
   plan = stages.StagePlan.from_config(
       config, switches.jit_compile,
@@ -205,8 +234,13 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
   """
   config, plan, datasets, model = run.config, run.plan, run.datasets, run.model
   num_classes = len(datasets.class_names)
+  replicas = model.distribute_strategy.num_replicas_in_sync
   train = to_one_hot(datasets.train, num_classes)
   val = to_one_hot(datasets.val, num_classes)
+  # Every batch split evenly over the replicas; no-op on one.
+  padded_val = distribute.pad_batches(val, replicas,
+                                      datasets.num_examples["val"],
+                                      config.batch_size)
   unaugmented = (None if datasets.train_unaugmented is None
                  else to_one_hot(datasets.train_unaugmented, num_classes))
   head_end = plan.head_epochs if config.caches_features else 0
@@ -221,8 +255,11 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
         history = head.fit(segment.initial_epoch, segment.epochs,
                            segment.skip_batches, callbacks)
       else:
-        history = model.fit(train.skip(segment.skip_batches),
-                            validation_data=val,
+        images, steps = training_batches(datasets, num_classes, segment,
+                                         plan.steps_per_epoch)
+        history = model.fit(distribute.pad_batches(images, replicas),
+                            steps_per_epoch=steps,
+                            validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
                             epochs=segment.epochs, callbacks=callbacks,
                             verbose=verbose)
@@ -230,6 +267,26 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
       if model.stop_training:  # Early stopping (search trials).
         break
   return history
+
+
+def training_batches(datasets: data.Datasets, num_classes: int,
+                     segment: checkpoints.FitSegment, steps_per_epoch: int
+                     ) -> Tuple[tf.data.Dataset, Optional[int]]:
+  """The training images of a fit on images, and its steps per epoch.
+
+  From `datasets.train_from`: the batches an uninterrupted run trains on
+  from the segment's epoch and step on, whatever ran before in this
+  process; `fit` takes `steps_per_epoch` of them per epoch (fewer in an
+  epoch that skips its first batches, which `fit_segments` fits alone).
+  Without it, `datasets.train`, one pass per epoch.
+  """
+  if datasets.train_from is None:
+    return (to_one_hot(datasets.train, num_classes).skip(
+        segment.skip_batches), None)
+  batches = datasets.train_from(segment.initial_epoch, segment.epochs).skip(
+      segment.skip_batches)
+  return (to_one_hot(batches, num_classes),
+          steps_per_epoch - segment.skip_batches)
 
 
 def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
@@ -255,14 +312,18 @@ def create_logging_callbacks(workdir: str, append: bool = False):
                                     append=append)]
 
 
-def evaluate_splits(model: keras.Model, datasets: data.Datasets
-                    ) -> Dict[str, float]:
-  """Accuracy on the validation split, and the test split when there is one."""
+def evaluate_splits(model: keras.Model, datasets: data.Datasets,
+                    batch_size: int) -> Dict[str, float]:
+  """Accuracy on the validation split, and the test split when there is one,
+  each image counted once under any strategy (`distribute.pad_batches`)."""
   num_classes = len(datasets.class_names)
+  replicas = model.distribute_strategy.num_replicas_in_sync
   splits = {"val": datasets.val, "test": datasets.test}
   return {
-      name: float(model.evaluate(to_one_hot(ds, num_classes), verbose=0,
-                                 return_dict=True)["accuracy"])
+      name: float(model.evaluate(
+          distribute.pad_batches(to_one_hot(ds, num_classes), replicas,
+                                 datasets.num_examples[name], batch_size),
+          verbose=0, return_dict=True)["accuracy"])
       for name, ds in splits.items() if ds is not None
   }
 
