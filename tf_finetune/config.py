@@ -74,7 +74,7 @@ class Config:
   weights: str = "imagenet"
   backbone: str = "resnet50"
   head_epochs: int = 50
-  head_learning_rate: float = 1e-2
+  head_learning_rate: float = 1e-3
   finetune_epochs: int = 10
   finetune_learning_rate: float = 1e-4
   unfreeze_blocks: int = 16
