@@ -105,7 +105,8 @@ flags.DEFINE_integer("max_epochs", _D.max_epochs,
 flags.DEFINE_integer("hyperband_factor", _D.hyperband_factor,
                      "Hyperband's reduction factor between rounds.")
 flags.DEFINE_enum("objective", _D.objective, config_lib.OBJECTIVES,
-                  "Metric the search optimises.")
+                  "Validation metric the run keeps its best epoch by (over "
+                  "both stages), and that the search optimises.")
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
                      "Stop a trial after this many stage-finetune epochs "
                      "without a better objective (0: off).")
