@@ -480,6 +480,9 @@ def test_trials_share_one_stage_head_trained_once(images, tmp_path,
   assert len(calls) == 1
   assert report["shared_stage_head"] is True and report["seconds"] > 0
   assert [t["head_shared"] for t in report["trials"]] == [False, True, True]
+  # The first trial is the flags' own recipe (clipped into the space).
+  assert report["trials"][0]["hyperparameters"] == {
+      "unfreeze_blocks": 1, "finetune_learning_rate": 1e-4}
   # Every trial reports the same stage head and goes on from it.
   for trial in report["trials"]:
     assert trial["epochs"] == {"budget": 3, "run": 3, "head": 2,
