@@ -14,7 +14,7 @@ import pytest
 
 from conftest import write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, demo_data, evaluate
-from tf_finetune import files
+from tf_finetune import files, main
 from tf_finetune import model as model_lib, predict, train
 
 # Trains a ResNet50: the tests using it are `slow` (conftest.py).
@@ -78,9 +78,11 @@ def ram_run(tmp_path_factory):
   previous = os.getcwd()
   os.chdir(cwd)  # A relative "ram:/..." folder would appear here.
   try:
+    main.claim_workdir(config)
     with pytest.raises(RuntimeError, match="stopped after a checkpoint"):
       train.run_training(config, [StopAfterCheckpoint(epoch=1)])
     stopped = checkpoints.read_state(workdir)
+    main.claim_workdir(config)  # The same run: resumes.
     trained = EpochsTrained()
     report = train.run_training(config, [trained])
     evaluation = evaluate.run_evaluation(
@@ -100,7 +102,8 @@ def ram_run(tmp_path_factory):
 
 def test_outputs_are_on_the_workdirs_file_system(ram_run):
   workdir = ram_run["workdir"]
-  for name in ("report.json", "model.keras", "export/1/saved_model.pb",
+  for name in ("flags.cfg", "report.json", "model.keras",
+               "export/1/saved_model.pb",
                "evaluation.json", "predictions.json", "curves.png",
                "logs/training.csv"):
     assert files.isfile(f"{workdir}/{name}"), name
@@ -165,5 +168,9 @@ def test_missing_files_on_ram_are_user_errors():
       train.read_class_names(workdir)
     with pytest.raises(config_lib.UserError, match="no such file"):
       model_lib.load_backbone_weights(None, f"{workdir}/x.weights.h5")
+    files.write_json_atomic(f"{workdir}/checkpoints/checkpoint.json", {})
+    with pytest.raises(config_lib.UserError, match="checkpoint"):
+      main.claim_workdir(config_lib.Config(workdir=workdir, **SMOKE).validate())
+    assert not files.exists(f"{workdir}/flags.cfg")
   finally:
     files.remove_tree(workdir.rsplit("/", 1)[0])
