@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
@@ -331,6 +332,8 @@ class CopiedCSVLogger(keras.callbacks.CSVLogger):
 
   def on_train_begin(self, logs=None):
     self._local_folder = tempfile.mkdtemp(prefix="tf_finetune-csv-")
+    # A fit that raises skips on_train_end: then at exit at the latest.
+    weakref.finalize(self, shutil.rmtree, self._local_folder, True)
     self.filename = os.path.join(self._local_folder,
                                  os.path.basename(self.target))
     # Continues the target's rows (a resumed run has trimmed them there).
