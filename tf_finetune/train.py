@@ -332,7 +332,8 @@ class CopiedCSVLogger(keras.callbacks.CSVLogger):
 
   def on_train_begin(self, logs=None):
     self._local_folder = tempfile.mkdtemp(prefix="tf_finetune-csv-")
-    # A fit that raises skips on_train_end: then at exit at the latest.
+    # A fit that raises skips on_train_end; the folder then goes with the
+    # logger, or at exit.
     weakref.finalize(self, shutil.rmtree, self._local_folder, True)
     self.filename = os.path.join(self._local_folder,
                                  os.path.basename(self.target))
