@@ -59,13 +59,13 @@ class EpochsTrained(keras.callbacks.Callback):
 
 @pytest.fixture(scope="module")
 def ram_run(tmp_path_factory):
-  """Trains (stopped once, then resumed), evaluates and predicts with a
-  ram:// workdir, from a fresh local working folder.
+  """Trains (stopped once, then resumed), evaluates, predicts and
+  re-exports with a ram:// workdir, from a fresh local working folder.
 
   Returns:
     dict: workdir, cwd (the local working folder), report, the checkpoint
     state seen after the stop, the epochs the resumed run trained,
-    evaluation, predictions.
+    evaluation, predictions, and the version `--mode=export` wrote.
   """
   base = tmp_path_factory.mktemp("gfile")
   cwd, data_dir = base / "cwd", str(base / "data")
@@ -92,11 +92,13 @@ def ram_run(tmp_path_factory):
         config_lib.Config(workdir=workdir, mode="predict",
                           inputs=os.path.join(data_dir, demo_data.DEMO_VERSION),
                           **SMOKE).validate())
+    exported = train.run_export(
+        config_lib.Config(workdir=workdir, mode="export", **SMOKE).validate())
   finally:
     os.chdir(previous)
   yield dict(workdir=workdir, cwd=cwd, report=report, stopped=stopped,
              trained=trained.epochs, evaluation=evaluation,
-             predictions=predictions)
+             predictions=predictions, exported=exported)
   files.remove_tree(workdir.rsplit("/", 1)[0])
 
 
@@ -110,6 +112,8 @@ def test_outputs_are_on_the_workdirs_file_system(ram_run):
   assert files.read_json(f"{workdir}/report.json")["export_path"] == (
       f"{workdir}/export/1")
   assert ram_run["report"]["export_path"] == f"{workdir}/export/1"
+  assert ram_run["exported"] == f"{workdir}/export/2"
+  assert files.isfile(f"{workdir}/export/2/saved_model.pb")
 
 
 def test_nothing_is_written_to_a_local_folder_named_like_the_workdir(ram_run):
