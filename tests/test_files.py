@@ -133,6 +133,13 @@ def test_missing_files_and_folders(folder):
     files.read_json(f"{folder}/bad.json")
 
 
+def test_isfile_tells_files_from_folders(folder):
+  files.write_text_atomic(f"{folder}/sub/a.txt", "a")
+  assert files.isfile(f"{folder}/sub/a.txt")
+  assert not files.isfile(f"{folder}/sub")
+  assert not files.isfile(f"{folder}/nothing")
+
+
 def test_local_files_are_readable_by_others(tmp_path):
   path = str(tmp_path / "report.json")
   files.write_json_atomic(path, {})

@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tf_finetune import config as config_lib
-from tf_finetune import features
+from tf_finetune import features, files
 from tf_finetune import model as model_lib
 from tf_finetune import tuning
 
@@ -548,3 +548,22 @@ def test_a_trial_trains_exactly_what_mode_train_trains(images, tmp_path,
   assert tuning_report["speed"] == speed
   assert tuning_report["trials"][0]["metrics"]["val_accuracy"] == (
       pytest.approx(report["val_accuracy"]))
+
+
+def test_a_search_in_a_ram_workdir_keeps_its_files_there(images, tmp_path,
+                                                        monkeypatch):
+  # KerasTuner writes through tf.io.gfile, so a gs:// workdir works as
+  # ram:// does here.
+  monkeypatch.chdir(tmp_path)  # A relative "ram:/..." folder would appear here.
+  workdir = f"ram://tune-{tmp_path.name}/work"
+  config = make_config(images, workdir)
+  result = tuning.run_search(config, build_fn=tiny_build)
+  assert len(result["trials"]) == 2
+  for name in ("tuning_report.json", "best.cfg", "tuner/search.json",
+               "tuner/oracle.json"):
+    assert files.isfile(f"{workdir}/{name}"), name
+  with pytest.raises(config_lib.UserError, match="--overwrite_search"):
+    tuning.run_search(dataclasses.replace(config, search_dropout="0.1:0.5"),
+                      build_fn=tiny_build)
+  assert os.listdir(tmp_path) == []
+  files.remove_tree(workdir.rsplit("/", 1)[0])

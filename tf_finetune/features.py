@@ -334,7 +334,7 @@ class FeatureCache:
 
   def _spill(self, view: CachedView) -> None:
     """Moves a view to disk: it goes there whole, from now on."""
-    os.makedirs(self.folder, exist_ok=True)
+    files.makedirs(self.folder)
     view.path = os.path.join(self.folder, f"{view.name}.tfrecord")
     view.writer = tf.io.TFRecordWriter(view.path)
     for features, labels in view.batches:

@@ -59,6 +59,11 @@ def isdir(path: str) -> bool:
   return tf.io.gfile.isdir(path)
 
 
+def isfile(path: str) -> bool:
+  """True when `path` exists and is not a folder."""
+  return exists(path) and not isdir(path)
+
+
 def makedirs(path: str) -> None:
   """Creates `path` and its parents; nothing happens if it exists."""
   tf.io.gfile.makedirs(path)

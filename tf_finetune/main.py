@@ -153,15 +153,10 @@ def main(argv):
     config = config_from_flags()
     from tf_finetune import distribute, train  # Heavy: after validation.
     if config.mode == "train":
-      from tf_finetune import checkpoints, files
       # In a multi-worker run only the chief writes into the workdir.
       chief = distribute.is_chief(config.strategy)
       if chief:
-        # Before flags.cfg is rewritten: a refused run must not replace the
-        # flags of the run whose checkpoints are there.
-        checkpoints.check_workdir(config)
-        files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
-                                config_lib.to_flagfile(config))
+        claim_workdir(config)
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
       if chief:
@@ -195,6 +190,21 @@ def main(argv):
     print("tf_finetune: stopped by SIGINT.", file=sys.stderr)
     return INTERRUPTED_EXIT_CODE
   return 0
+
+
+def claim_workdir(config: config_lib.Config) -> None:
+  """Refuses a workdir holding another run's checkpoints, then writes this
+  run's flags to WORKDIR/flags.cfg.
+
+  Raises:
+    UserError: the workdir holds another run's checkpoints.
+  """
+  from tf_finetune import checkpoints, files  # Heavy: after validation.
+  # Before flags.cfg is rewritten: a refused run must not replace the flags
+  # of the run whose checkpoints are there.
+  checkpoints.check_workdir(config)
+  files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
+                          config_lib.to_flagfile(config))
 
 
 def print_predictions(result, workdir):

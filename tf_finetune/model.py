@@ -6,11 +6,10 @@ of Keras' built-in layers only, so `keras.saving.load_model` reads
 `model.keras` in any Python with Keras, without this package.
 """
 
-import os
-
 import keras
 import numpy as np
 
+from tf_finetune import files
 from tf_finetune.config import UserError
 
 BACKBONE_NAME = "backbone"
@@ -134,7 +133,7 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> None:
     raise UserError(
         f"--weights={path!r}: expected 'imagenet', 'none' or a path ending in "
         ".weights.h5 (saved by ResNet50(include_top=False).save_weights).")
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f"--weights={path!r}: no such file.")
   try:
     backbone.load_weights(path)

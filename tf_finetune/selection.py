@@ -15,6 +15,7 @@ stage: BatchNormalization is frozen in both stages (stages.py), so its
 moving statistics never move, and a frozen layer's weights never do.
 """
 
+import io
 import math
 from typing import Dict, Optional
 
@@ -22,7 +23,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from tf_finetune import stages
+from tf_finetune import files, stages
 
 SNAPSHOT_SUFFIX = ".best.npz"
 
@@ -128,7 +129,8 @@ class BestWeights(keras.callbacks.Callback):
     state = dict(state)
     self._stage = state.pop("stage_started")
     self.best = state
-    with np.load(path) as arrays:
+    # np.load reads local files only; the checkpoint may be on gs://.
+    with np.load(io.BytesIO(files.read_bytes(path))) as arrays:
       by_key = {_key(v.path): v.path for v in self._kept_model.weights}
       self._values = {by_key[k]: arrays[k] for k in arrays.files}
 

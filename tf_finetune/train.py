@@ -6,9 +6,11 @@ Also the small job that reuses a trained workdir: `--mode=export`
 """
 
 import dataclasses
-import json
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
@@ -73,7 +75,7 @@ def _train(config: Config, strategy,
            resume: Optional[checkpoints.TrainingState], checkpoint_folder: str,
            extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
   started = time.perf_counter()
-  os.makedirs(config.workdir, exist_ok=True)
+  files.makedirs(config.workdir)
   run = set_up_run(config, strategy)
   model, datasets = run.model, run.datasets
   stage_callback, best = start_stages(run, resume, checkpoint_folder)
@@ -306,10 +308,49 @@ def create_logging_callbacks(workdir: str, append: bool = False):
   stages (`fit_stages` continues them from fit to fit). `append` continues the CSV log of a
   resumed run (and its second fit) instead of starting a new one."""
   logs = os.path.join(workdir, "logs")
-  os.makedirs(logs, exist_ok=True)
+  files.makedirs(logs)
+  csv_path = os.path.join(logs, "training.csv")
+  # TensorBoard writes through tf.summary, which reaches any tf.io.gfile store.
   return [keras.callbacks.TensorBoard(logs, write_graph=False),
-          keras.callbacks.CSVLogger(os.path.join(logs, "training.csv"),
-                                    append=append)]
+          keras.callbacks.CSVLogger(csv_path, append=append)
+          if files.is_local(csv_path) else CopiedCSVLogger(csv_path, append)]
+
+
+class CopiedCSVLogger(keras.callbacks.CSVLogger):
+  """A CSVLogger for a non-local path: each `fit` logs to a local file that is
+  copied to the path after every epoch.
+
+  Keras 3.15's CSVLogger opens a non-local path as a `tf.io.gfile.GFile`,
+  then fails in `on_train_end`, which reads `GFile.closed` (GFile has no
+  such attribute).
+  """
+
+  def __init__(self, path: str, append: bool = False):
+    super().__init__(path, append=append)
+    self.target = path
+    self._local_folder = None
+
+  def on_train_begin(self, logs=None):
+    self._local_folder = tempfile.mkdtemp(prefix="tf_finetune-csv-")
+    # A fit that raises skips on_train_end; the folder then goes with the
+    # logger, or at exit.
+    weakref.finalize(self, shutil.rmtree, self._local_folder, True)
+    self.filename = os.path.join(self._local_folder,
+                                 os.path.basename(self.target))
+    # Continues the target's rows (a resumed run has trimmed them there).
+    if self.append and files.exists(self.target):
+      with open(self.filename, "wb") as f:
+        f.write(files.read_bytes(self.target))
+    super().on_train_begin(logs)
+
+  def on_epoch_end(self, epoch, logs=None):
+    super().on_epoch_end(epoch, logs)  # Flushes the local file.
+    with open(self.filename, "rb") as f:
+      files.write_bytes_atomic(self.target, f.read())
+
+  def on_train_end(self, logs=None):
+    super().on_train_end(logs)
+    shutil.rmtree(self._local_folder, ignore_errors=True)
 
 
 def evaluate_splits(model: keras.Model, datasets: data.Datasets,
@@ -337,7 +378,7 @@ def save_model_atomic(model: keras.Model, path: str) -> None:
 def load_trained_model(workdir: str) -> keras.Model:
   """Loads WORKDIR/model.keras with safe_mode on, or raises UserError."""
   path = os.path.join(workdir, MODEL_FILE)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f"--workdir={workdir!r}: no {MODEL_FILE} there; train "
                     "first with --mode=train.")
   return load_model_safely(path)
@@ -378,8 +419,7 @@ def run_export(config: Config) -> str:
 def read_class_names(workdir: str) -> Sequence[str]:
   """Class names recorded by the training run's report.json."""
   path = os.path.join(workdir, report.REPORT_FILE)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f"--workdir={workdir!r}: no {report.REPORT_FILE} with the "
                     "class names; train first with --mode=train.")
-  with open(path) as f:
-    return json.load(f)["class_names"]
+  return files.read_json(path)["class_names"]

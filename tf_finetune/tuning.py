@@ -377,11 +377,10 @@ def prepare_project(config: Config) -> None:
   project = os.path.join(config.workdir, PROJECT)
   path = os.path.join(project, DEFINITION_FILE)
   definition = search_definition(config)
-  if config.overwrite_search and os.path.isdir(project):
+  if config.overwrite_search and files.isdir(project):
     files.remove_tree(project)
-  elif os.path.isfile(path):
-    with open(path) as f:
-      stored = json.load(f)
+  elif files.isfile(path):
+    stored = files.read_json(path)
     changed = [f"--{name} was {stored.get(name)!r}, now "
                f"{definition.get(name)!r}"
                for name in sorted(set(stored) | set(definition))
@@ -393,7 +392,7 @@ def prepare_project(config: Config) -> None:
           "the old search space. Rerun with the same flags to resume it, or "
           "add --overwrite_search to discard it and start afresh.")
     return
-  elif os.path.isdir(project) and os.listdir(project):
+  elif files.isdir(project) and files.listdir(project):
     raise UserError(f"{project} holds files but no {DEFINITION_FILE}, so it "
                     "is no search this program can resume; add "
                     "--overwrite_search to discard it.")
