@@ -620,6 +620,7 @@ def test_padding_makes_batches_split_evenly_and_weighs_pads_zero():
   assert distribute.pad_batches(None, 2) is None
 
 
+@pytest.mark.slow
 def test_padded_keras_averages_are_those_of_the_real_examples(tmp_path):
   process = start([sys.executable, "-c", PADDED_KERAS], str(tmp_path / "log"))
   assert wait_all([process], 300) == [0], read(tmp_path / "log")[-3000:]
