@@ -6,8 +6,6 @@ from typing import Dict, List, Optional
 from tf_finetune import files
 
 REPORT_FILE = "report.json"
-# tuning.py writes its JSON files through this name.
-write_json_atomic = files.write_json_atomic
 
 
 def build_report(*, class_names: List[str], num_examples: Dict[str, int],

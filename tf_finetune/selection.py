@@ -25,8 +25,6 @@ from absl import logging
 
 from tf_finetune import files, stages
 
-SNAPSHOT_SUFFIX = ".best.npz"
-
 
 class BestWeights(keras.callbacks.Callback):
   """Keeps the best epoch's weights and restores them at each stage end.

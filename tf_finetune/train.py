@@ -167,23 +167,20 @@ def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
     The stage callback and the best-weights keeper to train with.
   """
   model, plan, config = run.model, run.plan, run.config
+  folder = checkpoint_folder or checkpoints.checkpoint_dir(config.workdir)
   if resume is None:
     stage = plan.stage_at(0)
     stages.apply_stage(model, plan, stage)
   else:
     stage = resume.stage
-    checkpoints.restore(model, plan, resume,
-                        checkpoint_folder or checkpoints.checkpoint_dir(
-                            config.workdir))
+    checkpoints.restore(model, plan, resume, folder)
   stage_callback = stages.TwoStageCallback(
       plan, stage, run.datasets.num_examples["train"], config.batch_size)
   best = selection.BestWeights(plan, model, config.objective,
                                objective_direction(config.objective))
   if resume is not None:
     stage_callback.restore_records(resume.records, resume.epoch, resume.step)
-    checkpoints.restore_best(best, resume,
-                             checkpoint_folder or checkpoints.checkpoint_dir(
-                                 config.workdir))
+    checkpoints.restore_best(best, resume, folder)
   return stage_callback, best
 
 
