@@ -8,6 +8,7 @@ stand-in model with the same nested "backbone" and block names, through
 the same `train.start_stages` / `train.fit_remaining` code.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import write_backbone_weights
+from conftest import another_value, write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, data, report
 from tf_finetune import stages, train
 
@@ -295,6 +296,36 @@ def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_training_and_search_resume_under_the_same_changes(tmp_path):
+  from tf_finetune import tuning  # Imports KerasTuner: only here.
+  config = tiny_config(tmp_path / "run")
+  with pytest.raises(RuntimeError):
+    run_tiny(config, [CrashAt(epoch=0, step=2)])
+  search = dataclasses.replace(config, workdir=str(tmp_path / "search"),
+                               mode="tune")
+  tuning.prepare_project(search)
+  resumable = config_lib.resumable_settings()
+  assert {"save_every_steps", "max_trials"} <= resumable
+  for field in dataclasses.fields(config):
+    name = field.name
+    if another_value(config, name) is None:
+      continue
+    training = dataclasses.replace(
+        config, **{name: another_value(config, name)})
+    searching = dataclasses.replace(
+        search, **{name: another_value(search, name)})
+    refused = []
+    for check, changed in ((checkpoints.check_workdir, training),
+                           (tuning.prepare_project, searching)):
+      try:
+        check(changed)
+        refused.append(False)
+      except config_lib.UserError as e:
+        assert f"--{name} was" in str(e)
+        refused.append(True)
+    assert refused == [name not in resumable] * 2, name
+
+
 def test_fresh_is_not_recorded_in_flags_cfg(tmp_path):
   # Reusing flags.cfg as --flagfile after a crash must resume, not wipe.
   text = config_lib.to_flagfile(tiny_config(tmp_path, fresh=True))
@@ -413,14 +444,25 @@ def test_a_run_keeps_its_id_across_resumptions_and_fresh_starts_anew(
 def test_refusal_names_each_changed_flag():
   stored = {"image_size": 32, "seed": 1, "dropout": 0.2, "removed": 1}
   current = {"image_size": 48, "seed": 1, "dropout": 0.5, "added": 2}
-  assert checkpoints.changed_flags(stored, current) == [
+  assert config_lib.changed_flags(stored, current) == [
       "--dropout was 0.2, now 0.5", "--image_size was 32, now 48"]
   with pytest.raises(config_lib.UserError) as raised:
-    checkpoints.refuse_changed_flags(stored, current, holder="W holds X",
-                                     remedy="Pass --fresh.")
+    config_lib.refuse_changed_flags(stored, current, holder="W holds X",
+                                    remedy="Pass --fresh.")
   assert str(raised.value) == ("W holds X (--dropout was 0.2, now 0.5; "
                                "--image_size was 32, now 48). Pass --fresh.")
-  checkpoints.refuse_changed_flags(stored, {"seed": 1}, "W", "R")  # no change
+  config_lib.refuse_changed_flags(stored, {"seed": 1}, "W", "R")  # no change
+
+
+def test_a_setting_the_stored_fingerprint_lacks_counts_as_its_default():
+  # Checkpoints or a search of a version before --label_smoothing existed.
+  stored = {"seed": 1}
+  default = config_lib.Config(workdir="w").label_smoothing
+  assert config_lib.changed_flags(
+      stored, {"seed": 1, "label_smoothing": default}) == []
+  assert config_lib.changed_flags(
+      stored, {"seed": 1, "label_smoothing": default / 2}) == [
+          f"--label_smoothing was {default!r}, now {default / 2!r}"]
 
 
 # ------------------------------------------------------- crash mid-write

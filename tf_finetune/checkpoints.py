@@ -31,17 +31,17 @@ Here the stage is applied before the weights are loaded (`restore`), and
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import uuid
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
 from absl import logging
 
+from tf_finetune import config as config_lib
 from tf_finetune import files, stages
 from tf_finetune.config import Config, Preempted, UserError
 
@@ -51,13 +51,6 @@ _FORMAT = 1
 # Signals that mean "save a checkpoint and stop": a scheduler's preemption
 # or `kill` (SIGTERM), Ctrl-C in the terminal (SIGINT).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Flags that may change between a run and its resumption: where things go
-# and how fast they run, not what is trained. Every other Config field is
-# part of the fingerprint, so a flag added later is protected by default.
-RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
-                     "virtual_cpu_devices", "jit_compile", "export_dir",
-                     "top_k", "save_every_steps", "fresh",
-                     "cache_memory_mb")
 
 
 class TrainingDiverged(UserError):
@@ -89,7 +82,7 @@ class TrainingState:
     records: the stage callback's records so far (`records_state`).
     file: the weights file's name inside the checkpoint folder.
     num_optimizer_variables: how many variables the saved optimizer has.
-    fingerprint: the run-defining flags (`fingerprint`).
+    fingerprint: the run-defining flags (`config.fingerprint`).
     run_id: the same for every checkpoint of one run, resumptions included;
       a new run (a fresh start, --fresh) gets a new one. "" when a pointer
       has none: its run is then not recognised by its export.
@@ -113,46 +106,6 @@ class TrainingState:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR)
-
-
-def fingerprint(config: Config,
-                resumable: Iterable[str] = RESUMABLE_CHANGES) -> Dict:
-  """The flags that define what a run computes, as JSON values: every
-  Config field except those named in `resumable`."""
-  resumable = frozenset(resumable)
-  values = dataclasses.asdict(config)
-  return json.loads(json.dumps(
-      {k: v for k, v in values.items() if k not in resumable}))
-
-
-def changed_flags(stored: Mapping[str, Any],
-                  current: Mapping[str, Any]) -> List[str]:
-  """'--NAME was A, now B' for each flag of both fingerprints whose value
-  differs, by name. A flag only one of them has is not a change: it was
-  added or removed by another version of tf_finetune."""
-  return [f"--{name} was {stored[name]!r}, now {current[name]!r}"
-          for name in sorted(current)
-          if name in stored and stored[name] != current[name]]
-
-
-def refuse_changed_flags(stored: Mapping[str, Any], current: Mapping[str, Any],
-                         holder: str, remedy: str) -> None:
-  """Refuses to continue work begun with other run-defining flags.
-
-  Args:
-    stored: the fingerprint the work was begun with.
-    current: the fingerprint of this invocation (`fingerprint`).
-    holder: what holds the work, e.g. "--workdir='w' holds the checkpoints
-      of a different run".
-    remedy: the sentences that say how to go on.
-
-  Raises:
-    UserError: "{holder} (--a was 1, now 2; ...). {remedy}" when
-      `changed_flags` finds a difference.
-  """
-  changed = changed_flags(stored, current)
-  if changed:
-    raise UserError(f"{holder} ({'; '.join(changed)}). {remedy}")
 
 
 def read_state(workdir: str) -> Optional[TrainingState]:
@@ -184,8 +137,8 @@ def check_workdir(config: Config) -> Optional[TrainingState]:
   state = read_state(config.workdir)
   if state is None:
     return None
-  refuse_changed_flags(
-      state.fingerprint, fingerprint(config),
+  config_lib.refuse_changed_flags(
+      state.fingerprint, config_lib.fingerprint(config),
       holder=f"--workdir={config.workdir!r} holds the checkpoints of a "
       "different run",
       remedy="Rerun with that run's flags (its flags.cfg) to resume it, "
@@ -392,7 +345,7 @@ class Checkpointer(keras.callbacks.Callback):
     self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
     self.folder = checkpoint_dir(workdir)
-    self.fingerprint = fingerprint(config)
+    self.fingerprint = config_lib.fingerprint(config)
     self.save_every_steps = config.save_every_steps
     self.stage_callback = stage_callback
     self.plan = stage_callback.plan
