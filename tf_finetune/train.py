@@ -256,12 +256,14 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
       else:
         images, steps = training_batches(datasets, num_classes, segment,
                                          plan.steps_per_epoch)
+        # shuffle=False: the dataset shuffles itself (data.py); Keras ignores
+        # the default shuffle=True on a tf.data.Dataset but warns about it.
         history = model.fit(distribute.pad_batches(images, replicas),
                             steps_per_epoch=steps,
                             validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
                             epochs=segment.epochs, callbacks=callbacks,
-                            verbose=verbose)
+                            verbose=verbose, shuffle=False)
       features.continue_logs(callbacks)
       if model.stop_training:  # Early stopping (search trials).
         break
