@@ -52,7 +52,7 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-  """A stop signal (SIGTERM, or SIGINT: checkpoints.StoppedBySignal) ended
+  """A stop signal (SIGTERM, or SIGINT: stop_signals.StoppedBySignal) ended
   training after a checkpoint; rerunning resumes it."""
 
 

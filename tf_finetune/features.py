@@ -122,7 +122,7 @@ class CachedHeadStage:
     The callbacks see `model`, not the head model that is fit.
 
     A fit that skips batches (finishing an interrupted epoch) must be one
-    epoch long, as in `checkpoints.fit_segments`.
+    epoch long, as in `fit_plan.fit_segments`.
     """
     if self.head is None:
       self._compute()

@@ -131,10 +131,11 @@ def claim_workdir(config: config_lib.Config) -> None:
   Raises:
     UserError: the workdir holds another run's checkpoints.
   """
-  from tf_finetune import checkpoints, files  # Heavy: after validation.
+  from tf_finetune import files  # Heavy: after validation.
+  from tf_finetune import workdir as workdir_lib
   # Before flags.cfg is rewritten: a refused run must not replace the flags
   # of the run whose checkpoints are there.
-  checkpoints.check_workdir(config)
+  workdir_lib.check_workdir(config)
   files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
                           config_lib.to_flagfile(config))
 
