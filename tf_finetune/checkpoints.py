@@ -56,8 +56,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # part of the fingerprint, so a flag added later is protected by default.
 RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                      "virtual_cpu_devices", "jit_compile", "export_dir",
-                     "top_k", "save_every_steps", "fresh",
-                     "cache_memory_mb")
+                     "top_k", "export_formats", "runtime",
+                     "save_every_steps", "fresh", "cache_memory_mb")
 
 
 class TrainingDiverged(UserError):

@@ -44,6 +44,12 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+# What an export writes: the SavedModel version (always), and LiteRT models
+# inside it (litert.py).
+EXPORT_FORMATS = ("saved_model", "tflite")
+# What --mode=predict and evaluate run: TensorFlow (predict: the SavedModel
+# export; evaluate: model.keras), or a LiteRT model of the latest export.
+RUNTIMES = ("tensorflow", "tflite", "tflite_int8")
 
 
 class UserError(Exception):
@@ -87,6 +93,8 @@ class Config:
   seed: int = 42
   export_dir: str = ""
   top_k: int = 5
+  export_formats: Tuple[str, ...] = ("saved_model",)
+  runtime: str = "tensorflow"
   inputs: str = ""
   save_every_steps: int = 0
   fresh: bool = False
@@ -164,11 +172,29 @@ class Config:
            f"--strategy={self.strategy!r}: expected one of {STRATEGIES}.")
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
+    self._check_export_formats()
+    _check(self.runtime in RUNTIMES,
+           f"--runtime={self.runtime!r}: expected one of {RUNTIMES}.")
     self._check_inputs()
     self._validate_fault_tolerance()
     self._validate_search()
     self._check_speed_switches()
     return self
+
+  def _check_export_formats(self) -> None:
+    text = ",".join(self.export_formats)
+    unknown = [name for name in self.export_formats
+               if name not in EXPORT_FORMATS]
+    if unknown:
+      raise UserError(f"--export_formats={text!r}: unknown format "
+                      f"{unknown[0]!r}; expected a comma list of "
+                      f"{EXPORT_FORMATS}.")
+    # The LiteRT models live inside a SavedModel version (litert.py), the
+    # folder TF Serving and the comparisons of --mode=evaluate read.
+    _check("saved_model" in self.export_formats,
+           f"--export_formats={text!r}: must include saved_model; the "
+           "tflite models are written inside its version folder "
+           "(EXPORT/<N>/tflite/). Use --export_formats=saved_model,tflite.")
 
   def _check_inputs(self) -> None:
     """--inputs is what --mode=predict classifies; checked before TF loads."""
@@ -269,6 +295,12 @@ def parse_search_range(name: str, text: str) -> Tuple:
   _check(low <= high, f"{flag}: MIN {low} is above MAX {high}; expected "
          "MIN:MAX with MIN <= MAX.")
   return low, high
+
+
+def parse_export_formats(value: str) -> Tuple[str, ...]:
+  """'saved_model, tflite' -> ('saved_model', 'tflite'), without repeats."""
+  names = (n.strip() for n in value.split(",") if n.strip())
+  return tuple(dict.fromkeys(names))
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:

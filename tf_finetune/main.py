@@ -86,6 +86,12 @@ flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
 flags.DEFINE_string("export_dir", _D.export_dir,
                     "SavedModel versions go here; default WORKDIR/export.")
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
+flags.DEFINE_string("export_formats", ",".join(_D.export_formats),
+                    "Comma list: saved_model, and tflite for LiteRT models "
+                    "(float32 and int8) in EXPORT/<N>/tflite/.")
+flags.DEFINE_enum("runtime", _D.runtime, config_lib.RUNTIMES,
+                  "--mode=predict and evaluate: tensorflow, or the latest "
+                  "export's LiteRT model (tflite: float32, tflite_int8).")
 flags.DEFINE_string("inputs", _D.inputs,
                     "--mode=predict: an image file or a folder of images.")
 flags.DEFINE_integer("save_every_steps", _D.save_every_steps,
@@ -138,6 +144,8 @@ def config_from_flags() -> config_lib.Config:
   values = {name: FLAGS[name].value for name in config_lib.Config.__annotations__
             if name in FLAGS}
   values["augment"] = config_lib.parse_augment(FLAGS.augment)
+  values["export_formats"] = config_lib.parse_export_formats(
+      FLAGS.export_formats)
   return config_lib.Config(**values).validate()
 
 
@@ -165,7 +173,10 @@ def main(argv):
     elif config.mode == "evaluate":
       from tf_finetune import evaluate
       result = evaluate.run_evaluation(config)
-      print(f"{result['split']} accuracy: {result['accuracy']:.4f}")
+      print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
+            f"({result['runtime']})")
+      if "litert" in result:
+        print(format_litert_comparison(result["litert"]))
       print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
       print(f"export: {train.run_export(config)}")
@@ -205,6 +216,23 @@ def claim_workdir(config: config_lib.Config) -> None:
   checkpoints.check_workdir(config)
   files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
                           config_lib.to_flagfile(config))
+
+
+def format_litert_comparison(comparison):
+  """The LiteRT models against their SavedModel, a few lines for stdout."""
+  sizes, latency = comparison["size_bytes"], comparison["latency_ms"]
+  return "\n".join([
+      f"litert: {comparison['version']}",
+      f"  tflite: {sizes['tflite'] / 2**20:.1f} MiB, largest probability "
+      f"difference to the SavedModel "
+      f"{comparison['float_max_abs_difference']:.2e}, top-1 agreement "
+      f"{comparison['float_top1_agreement']:.2%}",
+      f"  tflite_int8: {sizes['tflite_int8'] / 2**20:.1f} MiB, top-1 "
+      f"agreement with the SavedModel {comparison['int8_top1_agreement']:.2%}"
+      f", largest probability difference "
+      f"{comparison['int8_max_abs_difference']:.2e}",
+      "  latency (" + comparison["latency"] + "): " + ", ".join(
+          f"{name} {ms:.1f} ms" for name, ms in latency.items())])
 
 
 def print_predictions(result, workdir):

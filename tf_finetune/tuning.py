@@ -58,8 +58,8 @@ BEST_CONFIG_FILE = "best.cfg"
 # change them (e.g. more --max_trials, another --strategy).
 _RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                       "virtual_cpu_devices", "jit_compile", "export_dir",
-                      "top_k", "max_trials", "overwrite_search",
-                      "cache_memory_mb")
+                      "top_k", "export_formats", "runtime", "max_trials",
+                      "overwrite_search", "cache_memory_mb")
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 SHARED_HEADS = "shared_heads"
 # Searched flags that change what stage head trains.
