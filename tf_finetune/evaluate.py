@@ -8,6 +8,10 @@ and F1, the confusion matrix) and WORKDIR/confusion_matrix.png.
 The metrics are computed from the model's probabilities with numpy, in one
 pass over the split, so every number in the file comes from the same
 predictions.
+
+With `--runtime=tflite` or `tflite_int8` the metrics are those of that
+LiteRT model of the latest export version, and evaluation.json's "litert"
+compares both LiteRT models with the SavedModel of that version.
 """
 
 import os
@@ -86,8 +90,8 @@ def run_litert_evaluation(config: Config) -> Dict:
   first_image = next(iter(getattr(datasets, split)))[0].numpy()[:1]
   latency = {name: litert.median_latency_ms(run, first_image, LATENCY_RUNS)
              for name, run in (("saved_model", saved_model),
-                                   ("tflite", models["tflite"]),
-                                   ("tflite_int8", models["tflite_int8"]))}
+                               ("tflite", models["tflite"]),
+                               ("tflite_int8", models["tflite_int8"]))}
   comparison = {
       "version": version_path,
       "size_bytes": {runtime: model.size_bytes
@@ -153,8 +157,8 @@ def predict_dataset_with(models: Dict[str, Callable], dataset: tf.data.Dataset
   labels, outputs = [], {name: [] for name in models}
   for images, batch_labels in dataset:
     pixels = images.numpy()
-    for name, predict in models.items():
-      outputs[name].append(np.asarray(predict(pixels)))
+    for name, run in models.items():
+      outputs[name].append(np.asarray(run(pixels)))
     labels.append(batch_labels.numpy())
   if not labels:
     raise UserError("--dataset: the evaluation split is empty.")
