@@ -170,10 +170,10 @@ class TFLiteClassifier:
   def __init__(self, path: str):
     interpreter_class = _interpreter_class()
     self.path = path
-    self.size_bytes = len(files.read_bytes(path))
+    content = files.read_bytes(path)  # Through files.py: any store.
+    self.size_bytes = len(content)
     self._interpreter = interpreter_class(
-        model_content=files.read_bytes(path),
-        num_threads=len(os.sched_getaffinity(0)))
+        model_content=content, num_threads=len(os.sched_getaffinity(0)))
     self._input = self._interpreter.get_input_details()[0]
     self._output = self._interpreter.get_output_details()[0]
     self._batch = None
