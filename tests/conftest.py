@@ -1,7 +1,7 @@
 """Shared by the test files: the command-line runner and ONE real training
 run of configs/smoke.cfg per test session, reused by every test that needs
 a trained workdir (tests/test_main.py, test_evaluate.py, test_predict.py,
-test_serving.py). Tests using it may add files to the workdir but must not
+test_serving.py, test_litert.py). Tests using it may add files to the workdir but must not
 add export versions: tests/test_main.py checks the layout of the run.
 
 Tests that train a ResNet50 or start a process are marked `slow`; `make

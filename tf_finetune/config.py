@@ -45,6 +45,12 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+# What an export writes: the SavedModel, and LiteRT models inside it
+# (litert.py).
+EXPORT_FORMATS = ("saved_model", "tflite")
+# What --mode=predict and evaluate run: model.keras / the SavedModel, or the
+# latest export's LiteRT model (float32, int8).
+RUNTIMES = ("tensorflow", "tflite", "tflite_int8")
 
 
 class UserError(Exception):
@@ -131,6 +137,13 @@ class Config:
       "", "SavedModel versions go here; default WORKDIR/export.",
       resumable=True)
   top_k: int = setting(5, "Classes returned by the export.", resumable=True)
+  export_formats: Tuple[str, ...] = setting(
+      ("saved_model",), "Comma list: saved_model, and tflite for LiteRT "
+      "models (float32 and int8) in EXPORT/<N>/tflite/.", resumable=True)
+  runtime: str = setting(
+      "tensorflow", "--mode=predict and evaluate: tensorflow, or the latest "
+      "export's LiteRT model (tflite: float32, tflite_int8).",
+      choices=RUNTIMES, resumable=True)
   inputs: str = setting(
       "", "--mode=predict: an image file or a folder of images.")
   save_every_steps: int = setting(
@@ -208,6 +221,7 @@ class Config:
            "'tfds:NAME[:VERSION]'.")
     _check(self.image_size >= 32,
            f"--image_size={self.image_size}: ResNet50 needs at least 32 pixels.")
+    self._check_export_formats()
     _check(self.batch_size >= 1, f"--batch_size={self.batch_size}: must be >= 1.")
     for name in ("val_fraction", "test_fraction"):
       value = getattr(self, name)
@@ -240,6 +254,21 @@ class Config:
     self._validate_search()
     self._check_feature_cache()
     return self
+
+  def _check_export_formats(self) -> None:
+    text = ",".join(self.export_formats)
+    unknown = [name for name in self.export_formats
+               if name not in EXPORT_FORMATS]
+    if unknown:
+      raise UserError(f"--export_formats={text!r}: unknown format "
+                      f"{unknown[0]!r}; expected a comma list of "
+                      f"{EXPORT_FORMATS}.")
+    # The LiteRT models live inside a SavedModel version (litert.py), the
+    # folder TF Serving and the comparisons of --mode=evaluate read.
+    _check("saved_model" in self.export_formats,
+           f"--export_formats={text!r}: must include saved_model; the "
+           "tflite models are written inside its version folder "
+           "(EXPORT/<N>/tflite/). Use --export_formats=saved_model,tflite.")
 
   def _check_inputs(self) -> None:
     """--inputs is what --mode=predict classifies; checked before TF loads."""
@@ -332,6 +361,12 @@ def parse_search_range(name: str, text: str) -> Tuple:
   _check(low <= high, f"{flag}: MIN {low} is above MAX {high}; expected "
          "MIN:MAX with MIN <= MAX.")
   return low, high
+
+
+def parse_export_formats(value: str) -> Tuple[str, ...]:
+  """'saved_model, tflite' -> ('saved_model', 'tflite'), without repeats."""
+  names = (n.strip() for n in value.split(",") if n.strip())
+  return tuple(dict.fromkeys(names))
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:

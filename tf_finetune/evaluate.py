@@ -8,23 +8,30 @@ and F1, the confusion matrix) and WORKDIR/confusion_matrix.png.
 The metrics are computed from the model's probabilities with numpy, in one
 pass over the split, so every number in the file comes from the same
 predictions.
+
+With `--runtime=tflite` or `tflite_int8` the metrics are those of that
+LiteRT model of the latest export version, and evaluation.json's "litert"
+compares both LiteRT models with the SavedModel of that version.
 """
 
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, files, plots, report, train
+from tf_finetune import (data, export, files, litert, plots, predict,
+                         report, train)
 from tf_finetune.config import Config, UserError
 
 EVALUATION_FILE = "evaluation.json"
 # Top-5 accuracy is reported only above this many classes (at 5 or fewer it
 # is always 1).
 TOP_K = 5
+# Single-image latency: the median of this many timed runs.
+LATENCY_RUNS = 50
 # Keras' epsilon: the same clipping as its cross-entropy.
 _EPSILON = 1e-7
 
@@ -39,17 +46,86 @@ def run_evaluation(config: Config) -> Dict:
     UserError: no trained model in the workdir, or `--dataset` has classes
       other than the ones the model was trained on.
   """
+  if config.runtime != "tensorflow":
+    return run_litert_evaluation(config)
   model = train.load_trained_model(config.workdir)
   datasets = data.create_datasets(config)
   _check_classes(model, datasets.class_names, config.workdir)
   split = "test" if datasets.test is not None else "val"
   labels, probabilities = predict_dataset(model, getattr(datasets, split))
+  return _write_evaluation(config, split, labels, probabilities,
+                           datasets.class_names, {"runtime": "tensorflow"})
+
+
+def run_litert_evaluation(config: Config) -> Dict:
+  """`--mode=evaluate --runtime=tflite|tflite_int8`: the metrics of that
+  LiteRT model of the latest export, and both LiteRT models beside the
+  version's SavedModel on the same split.
+
+  The comparison (evaluation.json's "litert"): the .tflite files' sizes;
+  each model's top-1 agreement with the SavedModel and largest probability
+  difference to it; the median single-image latency of the SavedModel and
+  of each .tflite model.
+
+  Raises:
+    UserError: no export with LiteRT models, no LiteRT runtime installed,
+      or `--dataset` has other classes than the export.
+  """
+  version_path = predict.find_latest_export(config.resolved_export_dir)
+  models = {runtime: litert.TFLiteClassifier(
+                litert.model_path(version_path, runtime))
+            for runtime in litert.RUNTIME_FILES}
+  class_names = litert.read_labels(version_path)
+  datasets = data.create_datasets(config)
+  if list(datasets.class_names) != class_names:
+    raise UserError(
+        f"--dataset: its classes {list(datasets.class_names)} differ from "
+        f"the ones of the export {version_path!r}: {class_names}.")
+  split = "test" if datasets.test is not None else "val"
+  # The loaded object owns the variables: keep it alive while serving.
+  loaded = export.load_serving(version_path)
+  saved_model = _saved_model_probabilities(loaded)
+  labels, outputs = predict_dataset_with(
+      {"saved_model": saved_model, **models}, getattr(datasets, split))
+  first_image = next(iter(getattr(datasets, split)))[0].numpy()[:1]
+  latency = {name: litert.median_latency_ms(run, first_image, LATENCY_RUNS)
+             for name, run in (("saved_model", saved_model),
+                               ("tflite", models["tflite"]),
+                               ("tflite_int8", models["tflite_int8"]))}
+  comparison = {
+      "version": version_path,
+      "size_bytes": {runtime: model.size_bytes
+                     for runtime, model in models.items()},
+      **litert.compare(outputs["saved_model"], outputs["tflite"],
+                       outputs["tflite_int8"]),
+      "latency_ms": latency,
+      "latency": f"one image, median of {LATENCY_RUNS} runs after 3 "
+                 "untimed ones, on this machine's CPU",
+  }
+  return _write_evaluation(
+      config, split, labels, outputs[config.runtime], class_names,
+      {"runtime": config.runtime, "model": models[config.runtime].path,
+       "litert": comparison})
+
+
+def _saved_model_probabilities(loaded):
+  """uint8 images -> probabilities, through the SavedModel's serving_tensor
+  signature, the TF Serving entry point the LiteRT models stand beside."""
+  serve = loaded.signatures["serving_tensor"]
+  return lambda images: serve(images=tf.constant(images))[
+      "probabilities"].numpy()
+
+
+def _write_evaluation(config: Config, split: str, labels: np.ndarray,
+                      probabilities: np.ndarray, class_names: Sequence[str],
+                      extra: Dict) -> Dict:
+  """Writes evaluation.json and confusion_matrix.png; returns the former."""
   result = {"split": split, "num_examples": int(len(labels)),
-            **compute_metrics(labels, probabilities, datasets.class_names)}
+            **compute_metrics(labels, probabilities, class_names), **extra}
   files.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
                           result)
   plots.write_confusion_matrix(
-      np.array(result["confusion_matrix"]), datasets.class_names,
+      np.array(result["confusion_matrix"]), class_names,
       os.path.join(config.workdir, plots.CONFUSION_MATRIX_FILE),
       title=f"{split} split: {len(labels)} images, "
       f"accuracy {result['accuracy']:.3f}")
@@ -64,13 +140,30 @@ def predict_dataset(model: keras.Model, dataset: tf.data.Dataset
   Returns:
     (labels int [N], probabilities float [N, C]), in the dataset's order.
   """
-  labels, probabilities = [], []
+  labels, outputs = predict_dataset_with(
+      {"model": lambda images: model.predict_on_batch(images)}, dataset)
+  return labels, outputs["model"]
+
+
+def predict_dataset_with(models: Dict[str, Callable], dataset: tf.data.Dataset
+                         ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+  """Runs each of `models` (uint8 images -> probabilities) over batches of
+  (images, labels), in one pass over the data.
+
+  Returns:
+    (labels int [N], {name: probabilities float [N, C]}), in the dataset's
+    order.
+  """
+  labels, outputs = [], {name: [] for name in models}
   for images, batch_labels in dataset:
-    probabilities.append(np.asarray(model.predict_on_batch(images)))
+    pixels = images.numpy()
+    for name, run in models.items():
+      outputs[name].append(np.asarray(run(pixels)))
     labels.append(batch_labels.numpy())
   if not labels:
     raise UserError("--dataset: the evaluation split is empty.")
-  return np.concatenate(labels), np.concatenate(probabilities)
+  return np.concatenate(labels), {name: np.concatenate(values)
+                                  for name, values in outputs.items()}
 
 
 def compute_metrics(labels: np.ndarray, probabilities: np.ndarray,

@@ -19,6 +19,10 @@ the folder) never sees half a model on a local disk.
 A training run that passes its run id (checkpoints.read_run_id) has it
 recorded in `assets/run_id.txt`; killed after its export and rerun, it
 finds its own version and exports no second one.
+
+With format "tflite" the version also holds LiteRT models of the same
+weights in `<version>/tflite/` (litert.py), written before the version is
+moved into place.
 """
 
 import json
@@ -29,7 +33,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, files
+from tf_finetune import data, files, litert
 
 CLASS_NAMES_FILE = "class_names.txt"
 METADATA_FILE = "metadata.json"
@@ -41,7 +45,8 @@ _RENAME_ATTEMPTS = 5
 
 def export_saved_model(model: keras.Model, class_names: Sequence[str],
                        image_size: int, export_root: str,
-                       top_k: int = 5, run_id: Optional[str] = None) -> str:
+                       top_k: int = 5, run_id: Optional[str] = None,
+                       formats: Sequence[str] = ("saved_model",)) -> str:
   """Writes a new version `export_root/<N>/`, unless run `run_id` exported
   one already, and returns its path.
 
@@ -61,6 +66,9 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
       a version of `export_root` was exported by that run with the same
       top K, its path is returned and nothing is written; None: always a
       new version (`--mode=export`).
+    formats: "saved_model" (always written: the version is a SavedModel)
+      and optionally "tflite", LiteRT models in `<N>/tflite/`; a version
+      run `run_id` exported without them gets them added.
 
   Returns:
     The path of the version folder.
@@ -73,13 +81,33 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
     if existing is not None:
       logging.info("%s was exported by this run already; not exporting "
                    "again.", existing)
+      if "tflite" in formats and not litert.has_tflite_models(existing):
+        add_tflite_models(existing, model, class_names, image_size)
       return existing
   files.makedirs(export_root)
   with files.temp_folder(export_root) as temp_dir:
     archive = build_export_archive(model, class_names, image_size, top_k)
     archive.write_out(temp_dir, verbose=False)
     _write_assets(temp_dir, class_names, image_size, k, run_id)
+    if "tflite" in formats:
+      litert.write_tflite_models(model, class_names, image_size,
+                                 litert.tflite_folder(temp_dir))
     return _move_into_place(temp_dir, export_root)
+
+
+def add_tflite_models(version_path: str, model: keras.Model,
+                      class_names: Sequence[str], image_size: int) -> str:
+  """Writes `<version_path>/tflite/` beside an existing SavedModel, whole or
+  not at all (a half-written folder left by a kill is replaced); returns
+  its path."""
+  target = litert.tflite_folder(version_path)
+  with files.temp_folder(version_path) as temp_dir:
+    litert.write_tflite_models(model, [str(name) for name in class_names],
+                               image_size, temp_dir)
+    if files.exists(target):
+      files.remove_tree(target)
+    files.move_folder_into_place(temp_dir, target)
+  return target
 
 
 def find_version_of_run(export_root: str, run_id: str,

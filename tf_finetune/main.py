@@ -50,7 +50,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
       flags.DEFINE_float(**args)
     elif field.type is str:
       flags.DEFINE_string(**args)
-    else:  # A tuple of names: `augment`, parsed by config.parse_augment.
+    else:  # A tuple of names, parsed in config_from_flags.
       flags.DEFINE_string(**{**args, "default": ",".join(default)})
   # Every mode needs it: train and tune write there, evaluate and export read
   # model.keras from it, predict writes predictions.json there. Checked while
@@ -70,6 +70,8 @@ def config_from_flags(
   values = {field.name: flag_values[field.name].value
             for field in dataclasses.fields(config_lib.Config)}
   values["augment"] = config_lib.parse_augment(flag_values.augment)
+  values["export_formats"] = config_lib.parse_export_formats(
+      flag_values.export_formats)
   return config_lib.Config(**values).validate()
 
 

@@ -3,8 +3,9 @@
 Classifies `--inputs` (one image file, or every image file under a folder)
 with the latest SavedModel version under the export folder, through its
 `serving_default` signature: the artefact and the entry point TF Serving
-uses, fed the same encoded bytes a REST client would send. Writes
-WORKDIR/predictions.json.
+uses, fed the same encoded bytes a REST client would send. With
+`--runtime=tflite` or `tflite_int8`, the version's LiteRT model instead,
+fed the pixels the same decoder gives. Writes WORKDIR/predictions.json.
 
 A file that cannot be decoded is reported (in the JSON and on stderr) and
 skipped; the other files are still classified.
@@ -14,10 +15,11 @@ import os
 import re
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import export, files, folder_source
+from tf_finetune import data, export, files, folder_source, litert
 from tf_finetune.config import Config, UserError
 
 PREDICTIONS_FILE = "predictions.json"
@@ -37,9 +39,18 @@ def run_prediction(config: Config) -> Dict:
   """
   paths = list_inputs(config.inputs)
   version_path = find_latest_export(config.resolved_export_dir)
-  # The loaded object owns the variables: keep it alive while serving.
-  loaded = export.load_serving(version_path)
-  serve = loaded.signatures["serving_default"]
+  if config.runtime == "tensorflow":
+    # The loaded object owns the variables: keep it alive while serving.
+    loaded = export.load_serving(version_path)
+    serve = loaded.signatures["serving_default"]
+    model_path = version_path
+  else:
+    model_path = litert.model_path(version_path, config.runtime)
+    # The version's top K, so that only the runtime differs from the
+    # SavedModel's answers.
+    serve = tflite_serving_function(
+        litert.TFLiteClassifier(model_path), litert.read_labels(version_path),
+        export.read_metadata(version_path)["top_k"])
   # Checked with the decoder the serving graph runs (data.decode_and_resize),
   # so one bad file does not fail the batch it would be in.
   skipped = folder_source.find_undecodable(paths)
@@ -47,7 +58,7 @@ def run_prediction(config: Config) -> Dict:
   predictions, failed = classify_files(serve, usable, config.batch_size)
   skipped.update(failed)
   result = {
-      "export_path": version_path,
+      "export_path": model_path,
       "inputs": config.inputs,
       "predictions": predictions,
       "skipped_files": [{"file": path, "reason": skipped[path]}
@@ -56,7 +67,7 @@ def run_prediction(config: Config) -> Dict:
   files.write_json_atomic(os.path.join(config.workdir, PREDICTIONS_FILE),
                           result)
   logging.info("Predicted %d files with %s (%d skipped).", len(predictions),
-               version_path, len(skipped))
+               model_path, len(skipped))
   return result
 
 
@@ -117,6 +128,27 @@ def classify_files(serve, paths: Sequence[str], batch_size: int
         except (OSError, tf.errors.OpError) as error:
           failed[path] = _describe_error(error)
   return predictions, failed
+
+
+def tflite_serving_function(classifier: litert.TFLiteClassifier,
+                            class_names: Sequence[str], top_k: int):
+  """A LiteRT model called as the export's serving_default is:
+  image_bytes -> {"classes", "scores"}, the top K.
+
+  Decoding and resizing are the serving graph's (`data.decode_and_resize`),
+  run by TensorFlow here as a phone app would run its own decoder.
+  """
+  names = tf.constant(list(class_names), dtype=tf.string)
+  k = min(top_k, len(class_names))
+
+  def serve(image_bytes):
+    images = np.stack([
+        data.decode_and_resize(one, classifier.image_size).numpy()
+        for one in tf.unstack(image_bytes)])
+    scores, indices = tf.math.top_k(classifier(images), k=k)
+    return {"classes": tf.gather(names, indices), "scores": scores}
+
+  return serve
 
 
 def _serve_files(serve, paths: Sequence[str]) -> List[Dict]:
