@@ -51,13 +51,13 @@ choice to the test images).
   python tools/bench_transfer.py --workdir=/tmp/transfer \\
       --backbone_weights=PATH/fm59_resnet50.weights.h5
 
-Summary lines (points = accuracy points, mean over draws of the per-draw
-differences; "n/a" unless both recipes succeeded on every draw):
-`TASK_defaults_vs_seed: +P`, `TASK_defaults_seconds_vs_seed: R` (mean
-seconds of defaults / seed on that task), `TASK_head_vs_probe: +P`,
-`TASK_defaults_vs_probe: +P`, `far_tuned: A` (% of the tuned recipe); then
-the test table and the same accuracy lines on test, named `..._test`.
-`--make_source=PATH` pretrains such a backbone first (the recipe of
+After the decision table: `TASK_defaults_seconds_vs_seed: R` (mean seconds
+of defaults / seed on that task), then `TASK_defaults_vs_seed: +P`,
+`TASK_head_vs_probe: +P`, `TASK_defaults_vs_probe: +P` and `far_tuned: A`
+(% of the tuned recipe), all on the decision split; points are accuracy
+points, the mean over draws of the per-draw differences, "n/a" unless both
+recipes succeeded on every draw. Then the test table and the same accuracy
+lines on test, named `..._test`. `--make_source=PATH` pretrains such a backbone first (the recipe of
 `pretrain_source`, ~45 min on 2 cores) and uses it. Data: Debian's
 dataset-fashion-mnist package (`--fashion_mnist_dir`) and scikit-learn.
 Everything, each draw's figures included, is also written as JSON
@@ -1065,18 +1065,21 @@ def check_flags(make_source: str, backbone_weights: str,
   return "" if make_source else os.path.abspath(backbone_weights)
 
 
-def run_all(tasks: Dict[str, Task], recipes: Sequence[str], data_root: str,
-            runs_root: str, weights: str, load: Loader,
-            settings: Settings) -> Tuple[Dict, Dict]:
-  """Every selected recipe on every task and draw.
+def prepare_draws(tasks: Dict[str, Task], draw_seeds: Sequence[int],
+                  data_root: str, load: Loader) -> Dict[str, List[str]]:
+  """{task: [its folder of each draw]}, written where not found.
 
-  Returns:
-    (results {task: {recipe: [row per draw]}}, task folders {task: [folder
-    per draw]}).
+  Raises:
+    ValueError: a class has too few images for a task's sizes.
   """
-  task_dirs = {name: [prepare_task(task, seed, data_root, load)
-                      for seed in settings.draw_seeds]
-               for name, task in tasks.items()}
+  return {name: [prepare_task(task, seed, data_root, load)
+                 for seed in draw_seeds] for name, task in tasks.items()}
+
+
+def run_all(task_dirs: Dict[str, List[str]], recipes: Sequence[str],
+            runs_root: str, weights: str, settings: Settings) -> Dict:
+  """Every selected recipe on every task and draw; {task: {recipe: [row
+  per draw]}}."""
   results = {}
   for name, folders in task_dirs.items():
     results[name] = {recipe: [] for recipe in RECIPES if recipe in recipes}
@@ -1092,7 +1095,7 @@ def run_all(tasks: Dict[str, Task], recipes: Sequence[str], data_root: str,
         print(f"{name} draw {seed} {recipe}: val "
               f"{percent(row.get('val_accuracy')) or '-'} %, "
               f"{row['seconds']:.0f} s", flush=True)
-  return results, task_dirs
+  return results
 
 
 def main(argv):
@@ -1127,13 +1130,13 @@ def main(argv):
   load = functools.lru_cache(maxsize=None)(
       lambda domain, split: load_source(domain, split, mnist_dir))
   try:
+    task_dirs = prepare_draws(tasks, settings.draw_seeds, data_root, load)
     if settings.make_source:
       weights = os.path.abspath(make_source_backbone(data_root, runs_root,
                                                      mnist_dir, settings))
-    results, task_dirs = run_all(tasks, FLAGS.recipes, data_root, runs_root,
-                                 weights, load, settings)
   except ValueError as e:  # Too many images asked of a class.
     sys.exit(f"bench_transfer: {e}")
+  results = run_all(task_dirs, FLAGS.recipes, runs_root, weights, settings)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
   text, summary = report(results, settings.decide_on)
   output_json = FLAGS.output_json or os.path.join(workdir, "results.json")
