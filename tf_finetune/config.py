@@ -106,6 +106,7 @@ class Config:
   overwrite_search: bool = False
   mixed_precision: str = "auto"
   cache_features: bool = True
+  probe_head: bool = True  # Stage head on features as a linear probe.
   feature_views: int = 1  # 1: the un-augmented images.
   cache_memory_mb: int = 1024
   lr_schedule: str = "cosine"

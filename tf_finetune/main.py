@@ -124,6 +124,10 @@ flags.DEFINE_bool("cache_features", _D.cache_features,
                   "Stage head trains on backbone features computed once per "
                   "view of each image instead of running the frozen backbone "
                   "in every epoch.")
+flags.DEFINE_bool("probe_head", _D.probe_head,
+                  "With --cache_features, stage head is a linear probe: "
+                  "standardised features, L2 strength picked on the "
+                  "validation split, no dropout.")
 flags.DEFINE_integer("feature_views", _D.feature_views,
                      "Views per training image in the feature cache: 1 is the "
                      "un-augmented images (--augment then applies in stage "
