@@ -102,3 +102,22 @@ def write_backbone_weights(path, image_size, seed):
       layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
   source.save_weights(str(path))
   return {v.path: v.numpy().copy() for v in source.weights}
+
+
+def another_value(config, name):
+  """A value of `config`'s setting `name` other than its own, of the same
+  type (another of its choices); None when it has no other choice."""
+  value = getattr(config, name)
+  choices = config.__dataclass_fields__[name].metadata["choices"]
+  if choices is not None:
+    others = [choice for choice in choices if choice != value]
+    return others[-1] if others else None
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, int):
+    return value - 1 if value > 1 else value + 1
+  if isinstance(value, float):
+    return value / 2 if value else 0.05
+  if isinstance(value, tuple):
+    return value + ("zoom",)
+  return value + "x"

@@ -8,6 +8,7 @@ stand-in model with the same nested "backbone" and block names, through
 the same `train.start_stages` / `train.fit_remaining` code.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,9 +23,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import write_backbone_weights
+from conftest import another_value, write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, data, report
-from tf_finetune import stages, train
+from tf_finetune import fit_plan, stages, stop_signals, train, training_logs
+from tf_finetune import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The command line killed and rerun: the tests using it are `slow`
@@ -139,7 +141,7 @@ def test_resume_mid_head_epoch_trains_as_if_never_stopped(tmp_path,
   config = tiny_config(tmp_path, cache_features=cached)
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(config, [CrashAt(epoch=0, step=2)])
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   assert (state.epoch, state.step, state.stage) == (0, 2, "head")
   steps = CountSteps()
   model, callback = run_tiny(config, [steps], resume=state)
@@ -160,11 +162,11 @@ def test_cached_head_epochs_are_checkpointed_at_the_stage_end(
                        cache_features=cached)
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(config, [CrashAt(epoch=1, step=0)])
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   assert (state is not None) == saved_after_epoch_0
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(config, [CrashAt(epoch=2, step=0)], resume=state)
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   assert (state.epoch, state.step, state.stage) == (2, 0, "head")
 
 
@@ -174,7 +176,7 @@ def test_resume_mid_finetune_restores_stage_weights_and_optimizer(
   crash = CrashAt(epoch=1, step=2)  # stage "finetune", after its step 2
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(config, [crash])
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   assert (state.epoch, state.step, state.stage) == (1, 2, "finetune")
 
   run = tiny_run(config)
@@ -229,7 +231,7 @@ def test_resume_after_the_last_epoch_trains_nothing(tmp_path, uninterrupted):
                        cache_features=uninterrupted[2])
   with pytest.raises(RuntimeError, match="after the last epoch"):
     run_tiny(config, [CrashAtEnd()])
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   assert (state.epoch, state.step) == (3, 0)
   steps = CountSteps()
   model, callback = run_tiny(config, [steps], resume=state)
@@ -244,7 +246,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
   config = tiny_config(tmp_path)
   with pytest.raises(RuntimeError):
     run_tiny(config, [CrashAt(epoch=0, step=2)])
-  state = checkpoints.check_workdir(config)
+  state = workdir_lib.check_workdir(config)
   path = tmp_path / "checkpoints" / state.file
   with open(path, "r+b") as f:
     f.truncate(100)  # e.g. a disk that lost the file's end
@@ -277,23 +279,53 @@ def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):
   config = tiny_config(tmp_path)
   with pytest.raises(RuntimeError):
     run_tiny(config, [CrashAt(epoch=0, step=2)])
-  assert checkpoints.check_workdir(config).step == 2
+  assert workdir_lib.check_workdir(config).step == 2
   # Speed and location flags may change on resume...
   same_run = tiny_config(tmp_path, jit_compile="true", save_every_steps=0,
                          strategy="one_device", top_k=1, cache_memory_mb=1)
-  assert checkpoints.check_workdir(same_run).step == 2
+  assert workdir_lib.check_workdir(same_run).step == 2
   # ...flags that change what is trained may not.
   other = tiny_config(tmp_path, finetune_learning_rate=1e-4, unfreeze_blocks=2)
   with pytest.raises(config_lib.UserError) as raised:
-    checkpoints.check_workdir(other)
+    workdir_lib.check_workdir(other)
   message = str(raised.value)
   assert "--finetune_learning_rate was 0.001, now 0.0001" in message
   assert "--unfreeze_blocks was 1, now 2" in message
   assert "--fresh" in message
   assert checkpoints.read_state(str(tmp_path)) is not None  # untouched
   fresh = tiny_config(tmp_path, unfreeze_blocks=2, fresh=True)
-  assert checkpoints.prepare_workdir(fresh) is None
+  assert workdir_lib.prepare_workdir(fresh) is None
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_training_and_search_resume_under_the_same_changes(tmp_path):
+  from tf_finetune import tuning  # Imports KerasTuner: only here.
+  config = tiny_config(tmp_path / "run")
+  with pytest.raises(RuntimeError):
+    run_tiny(config, [CrashAt(epoch=0, step=2)])
+  search = dataclasses.replace(config, workdir=str(tmp_path / "search"),
+                               mode="tune")
+  tuning.prepare_project(search)
+  resumable = config_lib.resumable_settings()
+  assert {"save_every_steps", "max_trials"} <= resumable
+  for field in dataclasses.fields(config):
+    name = field.name
+    if another_value(config, name) is None:
+      continue
+    training = dataclasses.replace(
+        config, **{name: another_value(config, name)})
+    searching = dataclasses.replace(
+        search, **{name: another_value(search, name)})
+    refused = []
+    for check, changed in ((workdir_lib.check_workdir, training),
+                           (tuning.prepare_project, searching)):
+      try:
+        check(changed)
+        refused.append(False)
+      except config_lib.UserError as e:
+        assert f"--{name} was" in str(e)
+        refused.append(True)
+    assert refused == [name not in resumable] * 2, name
 
 
 def test_fresh_is_not_recorded_in_flags_cfg(tmp_path):
@@ -318,12 +350,12 @@ def test_bad_fault_tolerance_flags_are_refused(overrides, culprit):
 def test_fit_segments_finish_an_interrupted_epoch_first():
   def state(epoch, step):
     return checkpoints.TrainingState(epoch, step, "head", [], "f", 0, {})
-  segments = checkpoints.fit_segments
-  assert segments(None, 4) == [checkpoints.FitSegment(0, 4, 0)]
-  assert segments(state(2, 0), 4) == [checkpoints.FitSegment(2, 4, 0)]
-  assert segments(state(2, 3), 4) == [checkpoints.FitSegment(2, 3, 3),
-                                      checkpoints.FitSegment(3, 4, 0)]
-  assert segments(state(3, 1), 4) == [checkpoints.FitSegment(3, 4, 1)]
+  segments = fit_plan.fit_segments
+  assert segments(None, 4) == [fit_plan.FitSegment(0, 4, 0)]
+  assert segments(state(2, 0), 4) == [fit_plan.FitSegment(2, 4, 0)]
+  assert segments(state(2, 3), 4) == [fit_plan.FitSegment(2, 3, 3),
+                                      fit_plan.FitSegment(3, 4, 0)]
+  assert segments(state(3, 1), 4) == [fit_plan.FitSegment(3, 4, 1)]
   assert segments(state(4, 0), 4) == []
 
 
@@ -331,7 +363,7 @@ def test_csv_log_keeps_one_row_per_epoch_after_resume(tmp_path):
   path = str(tmp_path / "training.csv")
   with open(path, "w") as f:
     f.write("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
-  checkpoints.trim_csv_log(path, 2)
+  training_logs.trim_csv_log(path, 2)
   with open(path) as f:
     assert f.read() == "epoch,loss\n0,1.0\n1,0.9\n"
 
@@ -356,7 +388,7 @@ class SendSigint(keras.callbacks.Callback):
 def test_ctrl_c_saves_a_checkpoint_after_the_step_and_stops(tmp_path):
   config = tiny_config(tmp_path, save_every_steps=0)
   handler = signal.getsignal(signal.SIGINT)
-  with pytest.raises(checkpoints.StoppedBySignal) as raised:
+  with pytest.raises(stop_signals.StoppedBySignal) as raised:
     run_tiny(config, [SendSigint(epoch=1, step=1)])
   assert raised.value.exit_code == 130
   state = checkpoints.read_state(str(tmp_path))
@@ -399,12 +431,12 @@ def test_a_run_keeps_its_id_across_resumptions_and_fresh_starts_anew(
   assert run_id
   # Resumed and completed: every later checkpoint carries the same id.
   with pytest.raises(RuntimeError, match="after the last epoch"):
-    run_tiny(config, [CrashAtEnd()], resume=checkpoints.check_workdir(config))
+    run_tiny(config, [CrashAtEnd()], resume=workdir_lib.check_workdir(config))
   assert checkpoints.read_state(str(tmp_path)).epoch == 3
   assert checkpoints.read_run_id(str(tmp_path)) == run_id
   # A new run in the same workdir.
   fresh = tiny_config(tmp_path, save_every_steps=0, fresh=True)
-  assert checkpoints.prepare_workdir(fresh) is None
+  assert workdir_lib.prepare_workdir(fresh) is None
   assert checkpoints.read_run_id(str(tmp_path)) is None
   with pytest.raises(RuntimeError, match="simulated crash"):
     run_tiny(fresh, [CrashAt(epoch=1, step=2)])
@@ -414,14 +446,25 @@ def test_a_run_keeps_its_id_across_resumptions_and_fresh_starts_anew(
 def test_refusal_names_each_changed_flag():
   stored = {"image_size": 32, "seed": 1, "dropout": 0.2, "removed": 1}
   current = {"image_size": 48, "seed": 1, "dropout": 0.5, "added": 2}
-  assert checkpoints.changed_flags(stored, current) == [
+  assert config_lib.changed_flags(stored, current) == [
       "--dropout was 0.2, now 0.5", "--image_size was 32, now 48"]
   with pytest.raises(config_lib.UserError) as raised:
-    checkpoints.refuse_changed_flags(stored, current, holder="W holds X",
-                                     remedy="Pass --fresh.")
+    config_lib.refuse_changed_flags(stored, current, holder="W holds X",
+                                    remedy="Pass --fresh.")
   assert str(raised.value) == ("W holds X (--dropout was 0.2, now 0.5; "
                                "--image_size was 32, now 48). Pass --fresh.")
-  checkpoints.refuse_changed_flags(stored, {"seed": 1}, "W", "R")  # no change
+  config_lib.refuse_changed_flags(stored, {"seed": 1}, "W", "R")  # no change
+
+
+def test_a_setting_the_stored_fingerprint_lacks_counts_as_its_default():
+  # Checkpoints or a search of a version before --label_smoothing existed.
+  stored = {"seed": 1}
+  default = config_lib.Config(workdir="w").label_smoothing
+  assert config_lib.changed_flags(
+      stored, {"seed": 1, "label_smoothing": default}) == []
+  assert config_lib.changed_flags(
+      stored, {"seed": 1, "label_smoothing": default / 2}) == [
+          f"--label_smoothing was {default!r}, now {default / 2!r}"]
 
 
 # ------------------------------------------------------- crash mid-write

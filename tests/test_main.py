@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -105,11 +106,16 @@ def test_served_model_equals_the_keras_model(smoke_run):
     assert top == list(class_names[argmax])
 
 
-def test_export_mode_adds_a_version(smoke_run, smoke_flags):
-  workdir, _ = smoke_run
-  exported = run_cli(*smoke_flags, "--mode=export")
+def test_export_mode_adds_a_version(smoke_run, tmp_path):
+  # On a copy: the session's run keeps its one version (conftest.py).
+  workdir, data_dir = smoke_run
+  copy = str(tmp_path / "work")
+  shutil.copytree(workdir, copy)
+  exported = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={copy}",
+                     f"--data_dir={data_dir}", "--mode=export")
   assert exported.returncode == 0, exported.stderr[-3000:]
-  assert sorted(os.listdir(os.path.join(workdir, "export"))) == ["1", "2"]
+  assert sorted(os.listdir(os.path.join(copy, "export"))) == ["1", "2"]
+  assert os.listdir(os.path.join(workdir, "export")) == ["1"]
 
 
 def _write_images(folder, count, size=40):

@@ -9,6 +9,7 @@ import pytest
 
 from test_fault_tolerance import CrashAt, tiny_config, tiny_run
 from tf_finetune import checkpoints, plots, train
+from tf_finetune import workdir as workdir_lib
 
 
 class WeightsAtEpochEnd(keras.callbacks.Callback):
@@ -94,7 +95,7 @@ def test_a_resumed_run_keeps_the_best_epoch_of_before_the_crash(diverging):
   checkpoints.remove_checkpoints(diverging.workdir)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train_tiny(diverging, extra=[CrashAt(epoch=4, step=1)])
-  state = checkpoints.check_workdir(diverging)
+  state = workdir_lib.check_workdir(diverging)
   assert state.epoch == 4 and state.best["stage"] == "head"
   model, best, _ = train_tiny(diverging, resume=state)
   assert best.best == straight_best.best

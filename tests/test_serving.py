@@ -1,6 +1,7 @@
 """The finished run seen through the tools users point at it: the real
-TensorBoard server over WORKDIR/logs/, and `saved_model_cli` over the
-export. All on the session's one training run (conftest.py)."""
+TensorBoard server over WORKDIR/logs/ (of a tiny model's run), and
+`saved_model_cli` over the export of the session's one training run
+(conftest.py)."""
 
 import json
 import os
@@ -15,7 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from tf_finetune import export
+from test_fault_tolerance import run_tiny, tiny_config
+from tf_finetune import export, stages
 
 # Generous: the machine is shared; these only bound a hang, they assert
 # nothing about speed.
@@ -86,13 +88,19 @@ def get_scalars(url, run, tag):
   return [(step, value) for _, step, value in rows]
 
 
-def test_tensorboard_serves_both_stages_on_one_epoch_axis(smoke_run,
-                                                          tmp_path):
-  workdir, _ = smoke_run
-  report = read_report(workdir)
-  head, finetune = report["stages"]
-  epochs = len(head["history"]["loss"]) + len(finetune["history"]["loss"])
-  process, url = start_tensorboard(os.path.join(workdir, "logs"),
+@pytest.mark.slow  # Starts TensorBoard.
+def test_tensorboard_serves_both_stages_on_one_epoch_axis(tmp_path):
+  # The tiny model of test_fault_tolerance.py, trained through the package's
+  # own logging (train.fit_remaining), stage head on cached features: two
+  # fits. Several epochs per stage, and a warmup longer than stage
+  # finetune's first epoch, so that the logged learning rates pass through
+  # the warmup, the cosine decay and the stage boundary.
+  config = tiny_config(tmp_path, head_epochs=2, finetune_epochs=3,
+                       warmup_fraction=0.5, save_every_steps=0)
+  _, callback = run_tiny(config)
+  plan = callback.plan
+  head, finetune = callback.stage_reports()
+  process, url = start_tensorboard(os.path.join(config.workdir, "logs"),
                                    str(tmp_path / "tensorboard.log"))
   try:
     wait_for_tags(url, {
@@ -108,18 +116,21 @@ def test_tensorboard_serves_both_stages_on_one_epoch_axis(smoke_run,
   for (run, tag), rows in scalars.items():
     key = tag if run == "train" else f"val_{tag}"
     # Epochs 0, 1, ... of both stages on one axis, each value the one the
-    # report recorded for that epoch of that stage.
-    assert [step for step, _ in rows] == list(range(epochs)), (run, tag)
+    # stage record holds for that epoch of that stage.
+    assert [step for step, _ in rows] == list(range(plan.total_epochs))
     np.testing.assert_allclose([value for _, value in rows],
                                head["history"][key] + finetune["history"][key],
                                rtol=1e-6)
-  # The rate at each epoch's end, as the report logs it: each stage's
-  # schedule (cosine: zero at a stage's end).
-  assert [step for step, _ in learning_rate] == list(range(epochs))
-  np.testing.assert_allclose(
-      [value for _, value in learning_rate],
-      head["history"]["learning_rate"] + finetune["history"]["learning_rate"],
-      rtol=1e-6)
+  # The rate at each epoch's end: the stage's schedule at the steps its own
+  # optimizer has taken by then (each stage starts a new one).
+  expected = [float(plan.schedule_of(stage)(epoch * plan.steps_per_epoch))
+              for stage in (stages.HEAD, stages.FINETUNE)
+              for epoch in range(1, plan.epochs_of(stage) + 1)]
+  assert [step for step, _ in learning_rate] == list(range(plan.total_epochs))
+  np.testing.assert_allclose([value for _, value in learning_rate], expected,
+                             rtol=1e-6, atol=1e-12)
+  # Stage finetune's first epoch ends inside its warmup.
+  assert 0 < learning_rate[plan.head_epochs][1] < plan.finetune_learning_rate
 
 
 # ---------------------------------------------------------- saved_model_cli

@@ -116,7 +116,7 @@ def two_stage_runs(tmp_path_factory):
   uncached = _build()
   stages.apply_stage(uncached, head_only, stages.HEAD)
   uncached.fit(_dataset(images, labels, COUNT), epochs=2, verbose=0,
-               callbacks=[stages.TwoStageCallback(head_only, stages.HEAD,
+               shuffle=False, callbacks=[stages.TwoStageCallback(head_only, stages.HEAD,
                                                   COUNT, COUNT)])
 
   cached = _build()

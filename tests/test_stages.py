@@ -53,7 +53,8 @@ def trained(weights_file):
   head_params = _values(model.get_layer("classifier"))
   callback = stages.TwoStageCallback(PLAN, stages.HEAD, 32, 8)
   history = model.fit(dataset, epochs=PLAN.total_epochs,
-                      callbacks=[callback, Snapshot()], verbose=0)
+                      callbacks=[callback, Snapshot()], verbose=0,
+                      shuffle=False)
   return dict(model=model, loaded=loaded, snapshots=snapshots,
               head_params=head_params, history=history.history,
               callback=callback)

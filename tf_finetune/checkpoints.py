@@ -8,7 +8,7 @@ Layout of WORKDIR/checkpoints/ (removed once a run has written its report):
                             far, the run's fingerprint and its id, and the
                             states of the model's random seed generators
                             (Dropout's), which Keras weights files leave
-                            out (`seed_states`). Replaced
+                            out (`model.seed_states`). Replaced
                             atomically, and only after the file it names is
                             complete on disk (files.py).
   ckpt-EEEE-SSSSSS.weights.h5
@@ -27,55 +27,32 @@ warns and skips them when their number differs (the head stage's Adam vs
 the finetune stage's); and it deletes its backup in `on_train_end`, which
 also runs when `TerminateOnNaN` stops a diverged run (keras-team/keras#21771).
 Here the stage is applied before the weights are loaded (`restore`), and
-`fit_segments` finishes an interrupted epoch with its remaining steps only.
+`fit_plan.fit_segments` finishes an interrupted epoch with its remaining
+steps only.
 """
 
 import dataclasses
-import json
-import math
 import os
 import signal
 import uuid
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
 from absl import logging
 
-from tf_finetune import files, stages
-from tf_finetune.config import Config, Preempted, UserError
+from tf_finetune import config as config_lib
+from tf_finetune import files, stages, stop_signals
+from tf_finetune import model as model_lib
+from tf_finetune.config import Config, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER_FILE = "checkpoint.json"
 _FORMAT = 1
-# Signals that mean "save a checkpoint and stop": a scheduler's preemption
-# or `kill` (SIGTERM), Ctrl-C in the terminal (SIGINT).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Flags that may change between a run and its resumption: where things go
-# and how fast they run, not what is trained. Every other Config field is
-# part of the fingerprint, so a flag added later is protected by default.
-RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
-                     "virtual_cpu_devices", "jit_compile", "export_dir",
-                     "top_k", "save_every_steps", "fresh",
-                     "cache_memory_mb")
 
 
 class TrainingDiverged(UserError):
   """The loss or the weights became NaN or infinite."""
-
-
-class StoppedBySignal(Preempted):
-  """A stop signal ended training after a checkpoint; rerunning resumes.
-
-  Attributes:
-    exit_code: 128 + the signal's number, the shell's code for a process
-      ended by that signal (143 for SIGTERM, 130 for SIGINT): schedulers
-      see an unfinished job and restart it.
-  """
-
-  def __init__(self, message: str, signal_number: int):
-    super().__init__(message)
-    self.exit_code = 128 + signal_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +66,13 @@ class TrainingState:
     records: the stage callback's records so far (`records_state`).
     file: the weights file's name inside the checkpoint folder.
     num_optimizer_variables: how many variables the saved optimizer has.
-    fingerprint: the run-defining flags (`fingerprint`).
+    fingerprint: the run-defining flags (`config.fingerprint`).
     run_id: the same for every checkpoint of one run, resumptions included;
       a new run (a fresh start, --fresh) gets a new one. "" when a pointer
       has none: its run is then not recognised by its export.
     best: the best epoch so far (`selection.BestWeights.state`), or None.
     best_file: the file of its weights inside the checkpoint folder.
-    seed_states: `seed_states(model)` when saved; None in pointers written
+    seed_states: `model.seed_states(model)` when saved; None in pointers written
       before they were kept.
   """
   epoch: int
@@ -115,46 +92,6 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR)
 
 
-def fingerprint(config: Config,
-                resumable: Iterable[str] = RESUMABLE_CHANGES) -> Dict:
-  """The flags that define what a run computes, as JSON values: every
-  Config field except those named in `resumable`."""
-  resumable = frozenset(resumable)
-  values = dataclasses.asdict(config)
-  return json.loads(json.dumps(
-      {k: v for k, v in values.items() if k not in resumable}))
-
-
-def changed_flags(stored: Mapping[str, Any],
-                  current: Mapping[str, Any]) -> List[str]:
-  """'--NAME was A, now B' for each flag of both fingerprints whose value
-  differs, by name. A flag only one of them has is not a change: it was
-  added or removed by another version of tf_finetune."""
-  return [f"--{name} was {stored[name]!r}, now {current[name]!r}"
-          for name in sorted(current)
-          if name in stored and stored[name] != current[name]]
-
-
-def refuse_changed_flags(stored: Mapping[str, Any], current: Mapping[str, Any],
-                         holder: str, remedy: str) -> None:
-  """Refuses to continue work begun with other run-defining flags.
-
-  Args:
-    stored: the fingerprint the work was begun with.
-    current: the fingerprint of this invocation (`fingerprint`).
-    holder: what holds the work, e.g. "--workdir='w' holds the checkpoints
-      of a different run".
-    remedy: the sentences that say how to go on.
-
-  Raises:
-    UserError: "{holder} (--a was 1, now 2; ...). {remedy}" when
-      `changed_flags` finds a difference.
-  """
-  changed = changed_flags(stored, current)
-  if changed:
-    raise UserError(f"{holder} ({'; '.join(changed)}). {remedy}")
-
-
 def read_state(workdir: str) -> Optional[TrainingState]:
   """The state of WORKDIR's last checkpoint, or None when there is none."""
   path = os.path.join(checkpoint_dir(workdir), POINTER_FILE)
@@ -172,28 +109,6 @@ def read_state(workdir: str) -> Optional[TrainingState]:
                     "delete the checkpoints and start over.") from e
 
 
-def check_workdir(config: Config) -> Optional[TrainingState]:
-  """Returns the state to resume from, or None for a fresh start.
-
-  Raises:
-    UserError: WORKDIR holds checkpoints of a run with other run-defining
-      flags, and --fresh was not given.
-  """
-  if config.fresh:
-    return None
-  state = read_state(config.workdir)
-  if state is None:
-    return None
-  refuse_changed_flags(
-      state.fingerprint, fingerprint(config),
-      holder=f"--workdir={config.workdir!r} holds the checkpoints of a "
-      "different run",
-      remedy="Rerun with that run's flags (its flags.cfg) to resume it, "
-      "choose another --workdir, or pass --fresh to delete its checkpoints "
-      "and start over.")
-  return state
-
-
 def read_run_id(workdir: str) -> Optional[str]:
   """The id of the run whose checkpoints are in WORKDIR, or None.
 
@@ -203,14 +118,6 @@ def read_run_id(workdir: str) -> Optional[str]:
   """
   state = read_state(workdir)
   return state.run_id if state is not None and state.run_id else None
-
-
-def prepare_workdir(config: Config) -> Optional[TrainingState]:
-  """Like `check_workdir`, but --fresh also deletes the old checkpoints."""
-  if config.fresh and files.isdir(checkpoint_dir(config.workdir)):
-    logging.info("--fresh: deleting %s", checkpoint_dir(config.workdir))
-    remove_checkpoints(config.workdir)
-  return check_workdir(config)
 
 
 def remove_checkpoints(workdir: str) -> None:
@@ -247,39 +154,10 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
         f"({type(e).__name__}: {str(e).strip()[:300]}). Pass --fresh to "
         "start over.") from e
   if state.seed_states is not None:
-    restore_seed_states(model, state.seed_states)
+    model_lib.restore_seed_states(model, state.seed_states)
   logging.info("Resuming from %s, %s (stage %r).", path,
                describe_position(state.epoch, state.step, plan.total_epochs),
                state.stage)
-
-
-def seed_state_variables(model: keras.Model) -> List:
-  """The model's variables that its weights file leaves out: the states of
-  its random seed generators (Dropout's), in a fixed order.
-
-  Keras saves `model.weights` only; `model.variables` also holds each
-  SeedGenerator's state. Without it a resumed run would draw other dropout
-  masks than an uninterrupted one from the first resumed step on.
-  """
-  saved = {id(v) for v in model.weights}
-  return [v for v in model.variables if id(v) not in saved]
-
-
-def seed_states(model: keras.Model) -> List[List[int]]:
-  """The values of `seed_state_variables(model)`, as JSON lists."""
-  return [np.asarray(v.numpy()).tolist() for v in seed_state_variables(model)]
-
-
-def restore_seed_states(model: keras.Model, values: List[List[int]]) -> None:
-  """Assigns what `seed_states` returned to the model's seed generators."""
-  variables = seed_state_variables(model)
-  if len(variables) != len(values):
-    raise UserError(
-        f"The checkpoint holds {len(values)} random seed states, the model "
-        f"has {len(variables)}: it was written by another version of "
-        "tf_finetune. Pass --fresh to start over.")
-  for variable, value in zip(variables, values):
-    variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def restore_best(best, state: TrainingState, folder: str) -> None:
@@ -294,54 +172,6 @@ def describe_position(epoch: int, step: int, total_epochs: int) -> str:
   if step == 0:
     return f"after epoch {epoch}/{total_epochs}"
   return f"at epoch {epoch + 1}/{total_epochs}, step {step}"
-
-
-@dataclasses.dataclass(frozen=True)
-class FitSegment:
-  """One `model.fit` call: epochs [initial_epoch, epochs), first skipping
-  `skip_batches` batches of the training data."""
-  initial_epoch: int
-  epochs: int
-  skip_batches: int
-
-
-def fit_segments(state: Optional[TrainingState], total_epochs: int,
-                 split_at: int = 0) -> List[FitSegment]:
-  """The fits that train what is left after `state`.
-
-  Keras runs every epoch of one `fit` over the whole dataset, so an epoch
-  interrupted at step S is finished by a fit of its own over the dataset
-  without its first S batches; the remaining epochs follow in a second fit.
-  A fit that would run across epoch `split_at` (> 0) is split there: stage
-  head on cached features and stage finetune on images are different fits.
-  """
-  epoch, step = (state.epoch, state.step) if state else (0, 0)
-  segments = []
-  if step > 0 and epoch < total_epochs:
-    segments.append(FitSegment(epoch, epoch + 1, step))
-    epoch += 1
-  if 0 < split_at < total_epochs and epoch < split_at:
-    segments.append(FitSegment(epoch, split_at, 0))
-    epoch = split_at
-  if epoch < total_epochs:
-    segments.append(FitSegment(epoch, total_epochs, 0))
-  return segments
-
-
-def trim_csv_log(path: str, first_epoch: int) -> None:
-  """Drops the rows of epochs >= `first_epoch` from a CSVLogger file.
-
-  They were logged after the checkpoint being resumed from and are trained
-  again, so the log keeps one row per epoch.
-  """
-  if not files.exists(path):
-    return
-  lines = files.read_text(path).splitlines()
-  if not lines:
-    return
-  kept = [lines[0]] + [line for line in lines[1:]
-                       if line and int(line.split(",", 1)[0]) < first_epoch]
-  files.write_text_atomic(path, "\n".join(kept) + "\n")
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -392,7 +222,7 @@ class Checkpointer(keras.callbacks.Callback):
     self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
     self.folder = checkpoint_dir(workdir)
-    self.fingerprint = fingerprint(config)
+    self.fingerprint = config_lib.fingerprint(config)
     self.save_every_steps = config.save_every_steps
     self.stage_callback = stage_callback
     self.plan = stage_callback.plan
@@ -410,7 +240,7 @@ class Checkpointer(keras.callbacks.Callback):
   def catch_stop_signals(self):
     """Context manager: SIGTERM and SIGINT mean "checkpoint and stop" while
     inside; the previous handlers are restored on exit."""
-    return _StopSignals(self)
+    return stop_signals.StopSignals(self)
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -451,7 +281,8 @@ class Checkpointer(keras.callbacks.Callback):
         num_optimizer_variables=len(self.model.optimizer.variables),
         fingerprint=self.fingerprint, run_id=self.run_id,
         best=self.best.state() if self.best else None,
-        best_file=self._best_file, seed_states=seed_states(self.model))
+        best_file=self._best_file,
+        seed_states=model_lib.seed_states(self.model))
     files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
                             {"format": _FORMAT, **dataclasses.asdict(state)},
                             indent=1)
@@ -508,67 +339,6 @@ class Checkpointer(keras.callbacks.Callback):
   def _raise_stopped(self, epoch: int, step: int) -> None:
     position = describe_position(epoch, step, self.plan.total_epochs)
     name = signal.Signals(self.stop_signal).name
-    raise StoppedBySignal(
+    raise stop_signals.StoppedBySignal(
         f"stopped by {name}; checkpoint saved {position} in {self.folder}. "
         "Rerun the same command to resume.", self.stop_signal)
-
-
-class _StopSignals:
-  """Routes STOP_SIGNALS to a checkpointer's `stop_signal`; restores the
-  previous handlers on exit.
-
-  SIGINT is left alone when it is ignored on entry, as Python itself does:
-  a shell starts background jobs that way so that Ctrl-C, meant for the
-  foreground program, does not reach them.
-  """
-
-  def __init__(self, checkpointer: Checkpointer):
-    self.checkpointer = checkpointer
-    self.previous = {}
-
-  def __enter__(self):
-    for number in STOP_SIGNALS:
-      if number == signal.SIGINT and (
-          signal.getsignal(number) == signal.SIG_IGN):
-        continue
-      try:
-        self.previous[number] = signal.signal(number, self._handle)
-      except ValueError:  # Not the main thread: signals cannot be caught.
-        logging.warning("Not in the main thread: SIGTERM and SIGINT will "
-                        "not checkpoint.")
-        break
-    return self
-
-  def __exit__(self, *exc):
-    for number, handler in self.previous.items():
-      signal.signal(number, handler)
-    return False
-
-  def _handle(self, number, frame):
-    del frame
-    if self.checkpointer.stop_signal is None:
-      self.checkpointer.stop_signal = number
-      logging.warning("%s: saving a checkpoint after this step%s.",
-                      signal.Signals(number).name,
-                      " (press Ctrl-C again to stop at once, without it)"
-                      if number == signal.SIGINT else "")
-    elif number == signal.SIGINT:
-      raise KeyboardInterrupt
-
-
-class EpochProgress(keras.callbacks.ProgbarLogger):
-  """Keras' progress lines, numbered against the run's total epochs: the
-  fit that finishes an interrupted epoch would otherwise print 'Epoch 3/3'
-  for the third of four epochs."""
-
-  def __init__(self, total_epochs: int):
-    super().__init__()
-    self.total_epochs = total_epochs
-
-  def set_params(self, params):
-    super().set_params({**params, "epochs": self.total_epochs})
-
-
-def count_steps(num_examples: int, batch_size: int) -> int:
-  """Training batches per epoch (the last batch may be partial)."""
-  return math.ceil(num_examples / batch_size)

@@ -7,8 +7,9 @@ live in `Config.validate`, so a bad value fails before any expensive work.
 """
 
 import dataclasses
+import json
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 # Residual blocks of ResNet50, bottom to top; `unfreeze_blocks` counts from
 # the end of this list.
@@ -51,66 +52,143 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-  """A stop signal (SIGTERM, or SIGINT: checkpoints.StoppedBySignal) ended
+  """A stop signal (SIGTERM, or SIGINT: stop_signals.StoppedBySignal) ended
   training after a checkpoint; rerunning resumes it."""
 
-# Config fields that describe an action of one invocation, not the run:
-# flags.cfg leaves them out, so reusing it as --flagfile never wipes
-# checkpoints (--fresh).
-NOT_RECORDED = ("fresh",)
+
+def setting(default=dataclasses.MISSING, help: str = "", *,
+            choices: Optional[Tuple[str, ...]] = None, resumable: bool = False,
+            recorded: bool = True, case_sensitive: bool = True):
+  """A `Config` field that also says what its flag and a resume need.
+
+  main.py defines each flag from its field (type, default, help, choices),
+  `to_flagfile` writes the recorded ones, and `fingerprint` leaves out the
+  resumable ones: a new setting is this one line plus its use.
+
+  Args:
+    default: the field's default; none for a required setting.
+    help: the flag's help text, one or two sentences.
+    choices: the values the flag accepts (an enum flag); `validate` refuses
+      others.
+    resumable: whether a resumed run or search may change it: where things
+      go and how fast they run, not what is computed. Every other setting is
+      part of the fingerprint, so a setting added later is protected by
+      default.
+    recorded: whether flags.cfg keeps it. False for an action of one
+      invocation, not of the run: reusing flags.cfg as --flagfile must not
+      repeat it.
+    case_sensitive: False lets the enum flag take any case of a choice.
+  """
+  return dataclasses.field(default=default, metadata={
+      "help": help, "choices": choices, "resumable": resumable,
+      "recorded": recorded, "case_sensitive": case_sensitive})
+
+
+def _search_help(name: str) -> str:
+  return f"MIN:MAX range of --{name} to search (mode tune)."
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything one run needs. Field names equal the flag names."""
-  workdir: str
-  mode: str = "train"
-  dataset: str = "demo"
-  data_dir: str = ""
-  image_size: int = 224
-  batch_size: int = 32
-  val_fraction: float = 0.15
-  test_fraction: float = 0.0
-  weights: str = "imagenet"
-  backbone: str = "resnet50"
-  head_epochs: int = 50
-  head_learning_rate: float = 1e-3
-  finetune_epochs: int = 10
-  finetune_learning_rate: float = 1e-4
-  unfreeze_blocks: int = 16
-  dropout: float = 0.2
-  label_smoothing: float = 0.1
-  augment: Tuple[str, ...] = ("flip",)
-  strategy: str = "auto"
-  virtual_cpu_devices: int = 0
-  jit_compile: str = "auto"
-  seed: int = 42
-  export_dir: str = ""
-  top_k: int = 5
-  inputs: str = ""
-  save_every_steps: int = 0
-  fresh: bool = False
+  workdir: str = setting(help="Output folder (required).", resumable=True)
+  mode: str = setting("train", "Job to run.", choices=MODES, resumable=True)
+  dataset: str = setting("demo", "demo | folder:DIR | tfds:NAME[:VERSION].")
+  data_dir: str = setting(
+      "", "TFDS data folder; also where the demo dataset is written.",
+      resumable=True)
+  image_size: int = setting(224, "Square input side, >= 32.")
+  batch_size: int = setting(32, "Global batch size.")
+  val_fraction: float = setting(
+      0.15, "Validation share when the source has no such split.")
+  test_fraction: float = setting(
+      0.0, "Test share when the source has no such split.")
+  weights: str = setting("imagenet", "imagenet | none | PATH to a "
+                         "ResNet50(include_top=False) .weights.h5 file.")
+  backbone: str = setting("resnet50", "Backbone.", choices=BACKBONES)
+  head_epochs: int = setting(50, "Epochs of stage head.")
+  head_learning_rate: float = setting(1e-3, "Learning rate of stage head.")
+  finetune_epochs: int = setting(10, "Epochs of stage finetune.")
+  finetune_learning_rate: float = setting(
+      1e-4, "Learning rate of stage finetune.")
+  unfreeze_blocks: int = setting(
+      16, "Residual blocks unfrozen in stage finetune, from the top (0-16).")
+  dropout: float = setting(0.2, "Dropout before the head.")
+  label_smoothing: float = setting(0.1, "Label smoothing.")
+  augment: Tuple[str, ...] = setting(
+      ("flip",), "Comma list of augmentations, or none.")
+  strategy: str = setting("auto", "tf.distribute strategy.",
+                          choices=STRATEGIES, resumable=True)
+  virtual_cpu_devices: int = setting(
+      0, "Split the CPU into N logical devices (0: don't).", resumable=True)
+  jit_compile: str = setting(
+      "auto", "XLA-compile the train step. auto: on with GPUs, off on CPUs "
+      "(compiling costs more than it saves there).",
+      choices=JIT_COMPILE_CHOICES, resumable=True, case_sensitive=False)
+  seed: int = setting(42, "Seed for splits, shuffling, augmentation and "
+                      "initialisation.")
+  export_dir: str = setting(
+      "", "SavedModel versions go here; default WORKDIR/export.",
+      resumable=True)
+  top_k: int = setting(5, "Classes returned by the export.", resumable=True)
+  inputs: str = setting(
+      "", "--mode=predict: an image file or a folder of images.")
+  save_every_steps: int = setting(
+      0, "Also checkpoint every N training steps (0: at the end of each "
+      "epoch only).", resumable=True)
+  fresh: bool = setting(
+      False, "Delete WORKDIR/checkpoints and train from the start instead of "
+      "resuming.", resumable=True, recorded=False)
   # Mode "tune" (tuning.py). An empty search_* flag keeps that training flag
-  # fixed; "MIN:MAX" searches it.
-  search_unfreeze_blocks: str = ""
-  search_finetune_learning_rate: str = ""
-  search_head_learning_rate: str = ""
-  search_dropout: str = ""
-  tuner: str = "random"
-  max_trials: int = 10
-  max_epochs: int = 0  # Hyperband's largest budget; 0: all epochs of a run.
-  hyperband_factor: int = 3
-  objective: str = "val_accuracy"
-  early_stopping_patience: int = 0  # 0: off.
-  executions_per_trial: int = 1
-  overwrite_search: bool = False
-  mixed_precision: str = "auto"
-  cache_features: bool = True
-  probe_head: bool = True  # Stage head on features as a linear probe.
-  feature_views: int = 1  # 1: the un-augmented images.
-  cache_memory_mb: int = 1024
-  lr_schedule: str = "cosine"
-  warmup_fraction: float = 0.1
+  # fixed; "MIN:MAX" searches it. One per SEARCHABLE name.
+  search_unfreeze_blocks: str = setting("", _search_help("unfreeze_blocks"))
+  search_finetune_learning_rate: str = setting(
+      "", _search_help("finetune_learning_rate"))
+  search_head_learning_rate: str = setting(
+      "", _search_help("head_learning_rate"))
+  search_dropout: str = setting("", _search_help("dropout"))
+  tuner: str = setting("random", "Search algorithm.", choices=TUNERS)
+  max_trials: int = setting(10, "Trials of the search.", resumable=True)
+  max_epochs: int = setting(0, "Hyperband's largest epoch budget per trial "
+                            "(0: --head_epochs plus --finetune_epochs).")
+  hyperband_factor: int = setting(
+      3, "Hyperband's reduction factor between rounds.")
+  objective: str = setting(
+      "val_accuracy", "Validation metric the run keeps its best epoch by "
+      "(over both stages), and that the search optimises.",
+      choices=OBJECTIVES)
+  early_stopping_patience: int = setting(
+      0, "Stop a trial after this many stage-finetune epochs without a "
+      "better objective (0: off).")
+  executions_per_trial: int = setting(
+      1, "Trainings per trial, from different initialisations; the score is "
+      "their mean.")
+  overwrite_search: bool = setting(
+      False, "Start the search in WORKDIR/tuner/ afresh instead of resuming "
+      "it.", resumable=True)
+  mixed_precision: str = setting(
+      "auto", "Keras dtype policy. auto: mixed_float16 on GPUs of compute "
+      "capability >= 7, else float32.", choices=MIXED_PRECISION_CHOICES)
+  cache_features: bool = setting(
+      True, "Stage head trains on backbone features computed once per view "
+      "of each image instead of running the frozen backbone in every epoch.")
+  probe_head: bool = setting(
+      True, "With --cache_features, stage head is a linear probe: "
+      "standardised features, L2 strength picked on the validation split, "
+      "no dropout.")
+  feature_views: int = setting(
+      1, "Views per training image in the feature cache: 1 is the "
+      "un-augmented images (--augment then applies in stage finetune only); "
+      "K >= 2 are K augmented views, head epoch e trains on view e mod K.")
+  cache_memory_mb: int = setting(
+      1024, "Feature cache held in memory up to this size; the rest goes to "
+      "files under WORKDIR/feature_cache/.", resumable=True)
+  lr_schedule: str = setting(
+      "cosine", "Learning rate within each stage: cosine decays it to zero "
+      "over the stage; constant keeps it.", choices=LR_SCHEDULES)
+  warmup_fraction: float = setting(
+      0.1, "Share of stage finetune's steps over which its learning rate "
+      "rises linearly from zero (cosine schedule).")
 
   @property
   def total_epochs(self) -> int:
@@ -124,7 +202,10 @@ class Config:
   def validate(self) -> "Config":
     """Checks every field; raises UserError naming the flag. Returns self."""
     _check(bool(self.workdir), "--workdir is required.")
-    _check(self.mode in MODES, f"--mode={self.mode!r}: expected one of {MODES}.")
+    for field in dataclasses.fields(self):
+      choices, value = field.metadata["choices"], getattr(self, field.name)
+      _check(choices is None or value in choices,
+             f"--{field.name}={value!r}: expected one of {choices}.")
     _check(self.dataset == "demo" or self.dataset.startswith(DATASET_SCHEMES[1:])
            and len(self.dataset.split(":", 1)[1]) > 0,
            f"--dataset={self.dataset!r}: expected 'demo', 'folder:DIR' or "
@@ -138,8 +219,6 @@ class Config:
     _check(self.val_fraction + self.test_fraction < 1.0,
            "--val_fraction plus --test_fraction must be below 1: nothing would "
            "be left to train on.")
-    _check(self.backbone in BACKBONES,
-           f"--backbone={self.backbone!r}: expected one of {BACKBONES}.")
     _check(self.weights != "", "--weights: expected 'imagenet', 'none' or a "
            "path to a .weights.h5 file.")
     for name in ("head_epochs", "finetune_epochs"):
@@ -154,21 +233,16 @@ class Config:
            f"{len(RESNET50_BLOCKS)} residual blocks; expected 0 to "
            f"{len(RESNET50_BLOCKS)}.")
     _check(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout}: must be in [0, 1).")
-    _check(self.lr_schedule in LR_SCHEDULES,
-           f"--lr_schedule={self.lr_schedule!r}: expected one of "
-           f"{LR_SCHEDULES}.")
     _check(0.0 <= self.warmup_fraction < 1.0,
            f"--warmup_fraction={self.warmup_fraction}: must be in [0, 1).")
     _check(0.0 <= self.label_smoothing < 1.0,
            f"--label_smoothing={self.label_smoothing}: must be in [0, 1).")
-    _check(self.strategy in STRATEGIES,
-           f"--strategy={self.strategy!r}: expected one of {STRATEGIES}.")
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
     self._check_inputs()
     self._validate_fault_tolerance()
     self._validate_search()
-    self._check_speed_switches()
+    self._check_feature_cache()
     return self
 
   def _check_inputs(self) -> None:
@@ -204,10 +278,6 @@ class Config:
 
   def _validate_search(self) -> None:
     self.search_ranges()  # Raises on a malformed range.
-    _check(self.tuner in TUNERS,
-           f"--tuner={self.tuner!r}: expected one of {TUNERS}.")
-    _check(self.objective in OBJECTIVES,
-           f"--objective={self.objective!r}: expected one of {OBJECTIVES}.")
     for name in ("max_trials", "executions_per_trial"):
       _check(getattr(self, name) >= 1,
              f"--{name}={getattr(self, name)}: must be >= 1.")
@@ -221,12 +291,8 @@ class Config:
     _check(self.early_stopping_patience >= 0,
            "--early_stopping_patience: must be >= 0 (0: off).")
 
-  def _check_speed_switches(self) -> None:
-    """XLA, precision and stage-1 feature caching."""
-    for name, choices in (("jit_compile", JIT_COMPILE_CHOICES),
-                          ("mixed_precision", MIXED_PRECISION_CHOICES)):
-      value = getattr(self, name)
-      _check(value in choices, f"--{name}={value!r}: expected one of {choices}.")
+  def _check_feature_cache(self) -> None:
+    """Stage-1 feature caching."""
     _check(self.feature_views >= 1,
            f"--feature_views={self.feature_views}: must be >= 1 (1: the "
            "un-augmented images).")
@@ -279,10 +345,11 @@ def parse_augment(value: str) -> Tuple[str, ...]:
 
 
 def to_flagfile(config: Config) -> str:
-  """The config as absl flag lines, reusable as `--flagfile`."""
+  """The config as absl flag lines, reusable as `--flagfile`: every recorded
+  setting (`setting`)."""
   lines = []
   for field in dataclasses.fields(config):
-    if field.name in NOT_RECORDED:
+    if not field.metadata["recorded"]:
       continue
     value = getattr(config, field.name)
     if isinstance(value, bool):
@@ -291,3 +358,64 @@ def to_flagfile(config: Config) -> str:
       value = ",".join(value) or "none"
     lines.append(f"--{field.name}={value}")
   return "\n".join(lines) + "\n"
+
+
+def resumable_settings() -> FrozenSet[str]:
+  """The settings a resumed training run or search may change."""
+  return frozenset(field.name for field in dataclasses.fields(Config)
+                   if field.metadata["resumable"])
+
+
+def fingerprint(config: Config) -> Dict:
+  """What a run or a search computes, as JSON values: every setting but
+  the resumable ones. Checkpoints and a search's search.json keep it."""
+  resumable = resumable_settings()
+  return _as_json({field.name: getattr(config, field.name)
+                   for field in dataclasses.fields(config)
+                   if field.name not in resumable})
+
+
+def _as_json(values: Mapping[str, Any]) -> Dict:
+  return json.loads(json.dumps(values))
+
+
+def changed_flags(stored: Mapping[str, Any],
+                  current: Mapping[str, Any]) -> List[str]:
+  """'--NAME was A, now B' for each setting whose value differs between a
+  stored fingerprint and the current one.
+
+  A setting the stored fingerprint lacks was added by a later version of
+  tf_finetune: the stored work ran as its default does (a new setting's
+  default keeps the behaviour from before it), so it differs only when set
+  to another value. A setting only `stored` has was removed: nothing here
+  could honour it, so it is no change.
+  """
+  defaults = _as_json({field.name: field.default
+                       for field in dataclasses.fields(Config)
+                       if field.default is not dataclasses.MISSING})
+  changes = []
+  for name in sorted(current):
+    before = stored.get(name, defaults.get(name, current[name]))
+    if before != current[name]:
+      changes.append(f"--{name} was {before!r}, now {current[name]!r}")
+  return changes
+
+
+def refuse_changed_flags(stored: Mapping[str, Any], current: Mapping[str, Any],
+                         holder: str, remedy: str) -> None:
+  """Refuses to continue work begun with other run-defining settings.
+
+  Args:
+    stored: the fingerprint the work was begun with.
+    current: the fingerprint of this invocation (`fingerprint`).
+    holder: what holds the work, e.g. "--workdir='w' holds the checkpoints
+      of a different run".
+    remedy: the sentences that say how to go on.
+
+  Raises:
+    UserError: "{holder} (--a was 1, now 2; ...). {remedy}" when
+      `changed_flags` finds a difference.
+  """
+  changed = changed_flags(stored, current)
+  if changed:
+    raise UserError(f"{holder} ({'; '.join(changed)}). {remedy}")

@@ -126,7 +126,7 @@ class CachedHeadStage:
     The callbacks see `model`, not the head model that is fit.
 
     A fit that skips batches (finishing an interrupted epoch) must be one
-    epoch long, as in `checkpoints.fit_segments`.
+    epoch long, as in `fit_plan.fit_segments`.
     """
     if self.head is None:
       self._compute()
@@ -156,11 +156,13 @@ class CachedHeadStage:
     callback_list = keras.callbacks.CallbackList(
         [*callbacks, history], add_progbar=self.verbose != 0,
         model=self.model, verbose=self.verbose, epochs=epochs, steps=steps)
+    # shuffle=False: the cached views are shuffled in the dataset; Keras
+    # ignores the default shuffle=True on a tf.data.Dataset but warns.
     self.head.fit(
         distribute.pad_batches(train, replicas), steps_per_epoch=steps,
         epochs=epochs, initial_epoch=initial_epoch,
         validation_data=validation, callbacks=callback_list,
-        verbose=self.verbose)
+        verbose=self.verbose, shuffle=False)
     return history
 
   def _compute(self) -> None:

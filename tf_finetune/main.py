@@ -10,6 +10,7 @@ override it. --helpfull also lists the flags of absl and TensorFlow.
 # validated `Config`, and hands it to the module that does the job. No other
 # module reads FLAGS.
 
+import dataclasses
 import logging as pylogging
 import os
 import signal
@@ -28,120 +29,47 @@ FLAGS = flags.FLAGS
 # restart resumes. SIGTERM: 143; SIGINT (Ctrl-C): 130.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
-_D = config_lib.Config  # Defaults live in one place: the Config dataclass.
-
-flags.DEFINE_string("workdir", None, "Output folder (required).")
-# Every mode needs it: train and tune write there, evaluate and export read
-# model.keras from it, predict writes predictions.json there. Checked while
-# the flags are parsed, so the message comes before anything is loaded.
-flags.register_validator(
-    "workdir", bool,
-    message="--workdir is required: the folder a training run writes to and "
-    "--mode=evaluate, export and predict read from.")
-flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "Job to run.")
-flags.DEFINE_string("dataset", _D.dataset,
-                    "demo | folder:DIR | tfds:NAME[:VERSION].")
-flags.DEFINE_string("data_dir", _D.data_dir,
-                    "TFDS data folder; also where the demo dataset is written.")
-flags.DEFINE_integer("image_size", _D.image_size, "Square input side, >= 32.")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
-flags.DEFINE_float("val_fraction", _D.val_fraction,
-                   "Validation share when the source has no such split.")
-flags.DEFINE_float("test_fraction", _D.test_fraction,
-                   "Test share when the source has no such split.")
-flags.DEFINE_string("weights", _D.weights,
-                    "imagenet | none | PATH to a ResNet50(include_top=False) "
-                    ".weights.h5 file.")
-flags.DEFINE_enum("backbone", _D.backbone, config_lib.BACKBONES, "Backbone.")
-flags.DEFINE_integer("head_epochs", _D.head_epochs, "Epochs of stage head.")
-flags.DEFINE_float("head_learning_rate", _D.head_learning_rate,
-                   "Learning rate of stage head.")
-flags.DEFINE_integer("finetune_epochs", _D.finetune_epochs,
-                     "Epochs of stage finetune.")
-flags.DEFINE_float("finetune_learning_rate", _D.finetune_learning_rate,
-                   "Learning rate of stage finetune.")
-flags.DEFINE_integer("unfreeze_blocks", _D.unfreeze_blocks,
-                     "Residual blocks unfrozen in stage finetune, from the "
-                     "top (0-16).")
-flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
-                  "Learning rate within each stage: cosine decays it to zero "
-                  "over the stage; constant keeps it.")
-flags.DEFINE_float("warmup_fraction", _D.warmup_fraction,
-                   "Share of stage finetune's steps over which its learning "
-                   "rate rises linearly from zero (cosine schedule).")
-flags.DEFINE_float("dropout", _D.dropout, "Dropout before the head.")
-flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
-flags.DEFINE_string("augment", ",".join(_D.augment),
-                    "Comma list of augmentations, or none.")
-flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
-                  "tf.distribute strategy.")
-flags.DEFINE_integer("virtual_cpu_devices", _D.virtual_cpu_devices,
-                     "Split the CPU into N logical devices (0: don't).")
-flags.DEFINE_enum("jit_compile", _D.jit_compile, config_lib.JIT_COMPILE_CHOICES,
-                  "XLA-compile the train step. auto: on with GPUs, off on "
-                  "CPUs (compiling costs more than it saves there).",
-                  case_sensitive=False)
-flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
-                     "augmentation and initialisation.")
-flags.DEFINE_string("export_dir", _D.export_dir,
-                    "SavedModel versions go here; default WORKDIR/export.")
-flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
-flags.DEFINE_string("inputs", _D.inputs,
-                    "--mode=predict: an image file or a folder of images.")
-flags.DEFINE_integer("save_every_steps", _D.save_every_steps,
-                     "Also checkpoint every N training steps (0: at the end "
-                     "of each epoch only).")
-flags.DEFINE_bool("fresh", _D.fresh, "Delete WORKDIR/checkpoints and train "
-                  "from the start instead of resuming.")
-# Mode "tune": a search_* flag left empty keeps its training flag fixed.
-for _name in config_lib.SEARCHABLE:
-  flags.DEFINE_string(f"search_{_name}", getattr(_D, f"search_{_name}"),
-                      f"MIN:MAX range of --{_name} to search (mode tune).")
-flags.DEFINE_enum("tuner", _D.tuner, config_lib.TUNERS, "Search algorithm.")
-flags.DEFINE_integer("max_trials", _D.max_trials, "Trials of the search.")
-flags.DEFINE_integer("max_epochs", _D.max_epochs,
-                     "Hyperband's largest epoch budget per trial (0: "
-                     "--head_epochs plus --finetune_epochs).")
-flags.DEFINE_integer("hyperband_factor", _D.hyperband_factor,
-                     "Hyperband's reduction factor between rounds.")
-flags.DEFINE_enum("objective", _D.objective, config_lib.OBJECTIVES,
-                  "Validation metric the run keeps its best epoch by (over "
-                  "both stages), and that the search optimises.")
-flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
-                     "Stop a trial after this many stage-finetune epochs "
-                     "without a better objective (0: off).")
-flags.DEFINE_integer("executions_per_trial", _D.executions_per_trial,
-                     "Trainings per trial, from different initialisations; "
-                     "the score is their mean.")
-flags.DEFINE_bool("overwrite_search", _D.overwrite_search,
-                  "Start the search in WORKDIR/tuner/ afresh instead of "
-                  "resuming it.")
-flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
-                  config_lib.MIXED_PRECISION_CHOICES,
-                  "Keras dtype policy. auto: mixed_float16 on GPUs of compute "
-                  "capability >= 7, else float32.")
-flags.DEFINE_bool("cache_features", _D.cache_features,
-                  "Stage head trains on backbone features computed once per "
-                  "view of each image instead of running the frozen backbone "
-                  "in every epoch.")
-flags.DEFINE_bool("probe_head", _D.probe_head,
-                  "With --cache_features, stage head is a linear probe: "
-                  "standardised features, L2 strength picked on the "
-                  "validation split, no dropout.")
-flags.DEFINE_integer("feature_views", _D.feature_views,
-                     "Views per training image in the feature cache: 1 is the "
-                     "un-augmented images (--augment then applies in stage "
-                     "finetune only); K >= 2 are K augmented views, head "
-                     "epoch e trains on view e mod K.")
-flags.DEFINE_integer("cache_memory_mb", _D.cache_memory_mb,
-                     "Feature cache held in memory up to this size; the rest "
-                     "goes to files under WORKDIR/feature_cache/.")
 
 
-def config_from_flags() -> config_lib.Config:
-  values = {name: FLAGS[name].value for name in config_lib.Config.__annotations__
-            if name in FLAGS}
-  values["augment"] = config_lib.parse_augment(FLAGS.augment)
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines one flag per `Config` field, from the field: its type, default,
+  help and choices (config.setting)."""
+  for field in dataclasses.fields(config_lib.Config):
+    name, meta = field.name, field.metadata
+    default = None if field.default is dataclasses.MISSING else field.default
+    args = dict(name=name, default=default, help=meta["help"],
+                flag_values=flag_values)
+    if meta["choices"] is not None:
+      flags.DEFINE_enum(enum_values=meta["choices"],
+                        case_sensitive=meta["case_sensitive"], **args)
+    elif field.type is bool:
+      flags.DEFINE_bool(**args)
+    elif field.type is int:
+      flags.DEFINE_integer(**args)
+    elif field.type is float:
+      flags.DEFINE_float(**args)
+    elif field.type is str:
+      flags.DEFINE_string(**args)
+    else:  # A tuple of names: `augment`, parsed by config.parse_augment.
+      flags.DEFINE_string(**{**args, "default": ",".join(default)})
+  # Every mode needs it: train and tune write there, evaluate and export read
+  # model.keras from it, predict writes predictions.json there. Checked while
+  # the flags are parsed, so the message comes before anything is loaded.
+  flags.register_validator(
+      "workdir", bool,
+      message="--workdir is required: the folder a training run writes to "
+      "and --mode=evaluate, export and predict read from.",
+      flag_values=flag_values)
+
+
+define_flags()
+
+
+def config_from_flags(
+    flag_values: flags.FlagValues = FLAGS) -> config_lib.Config:
+  values = {field.name: flag_values[field.name].value
+            for field in dataclasses.fields(config_lib.Config)}
+  values["augment"] = config_lib.parse_augment(flag_values.augment)
   return config_lib.Config(**values).validate()
 
 
@@ -203,10 +131,11 @@ def claim_workdir(config: config_lib.Config) -> None:
   Raises:
     UserError: the workdir holds another run's checkpoints.
   """
-  from tf_finetune import checkpoints, files  # Heavy: after validation.
+  from tf_finetune import files  # Heavy: after validation.
+  from tf_finetune import workdir as workdir_lib
   # Before flags.cfg is rewritten: a refused run must not replace the flags
   # of the run whose checkpoints are there.
-  checkpoints.check_workdir(config)
+  workdir_lib.check_workdir(config)
   files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
                           config_lib.to_flagfile(config))
 

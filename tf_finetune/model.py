@@ -6,6 +6,8 @@ of Keras' built-in layers only, so `keras.saving.load_model` reads
 `model.keras` in any Python with Keras, without this package.
 """
 
+from typing import List
+
 import keras
 import numpy as np
 
@@ -155,6 +157,35 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> None:
 def get_backbone(model: keras.Model) -> keras.Model:
   """The nested ResNet50 of a model made by `build_model`."""
   return model.get_layer(BACKBONE_NAME)
+
+
+def seed_state_variables(model: keras.Model) -> List:
+  """The model's variables that its weights file leaves out: the states of
+  its random seed generators (Dropout's), in a fixed order.
+
+  Keras saves `model.weights` only; `model.variables` also holds each
+  SeedGenerator's state. Without it a resumed run would draw other dropout
+  masks than an uninterrupted one from the first resumed step on.
+  """
+  saved = {id(v) for v in model.weights}
+  return [v for v in model.variables if id(v) not in saved]
+
+
+def seed_states(model: keras.Model) -> List[List[int]]:
+  """The values of `seed_state_variables(model)`, as JSON lists."""
+  return [np.asarray(v.numpy()).tolist() for v in seed_state_variables(model)]
+
+
+def restore_seed_states(model: keras.Model, values: List[List[int]]) -> None:
+  """Assigns what `seed_states` returned to the model's seed generators."""
+  variables = seed_state_variables(model)
+  if len(variables) != len(values):
+    raise UserError(
+        f"The checkpoint holds {len(values)} random seed states, the model "
+        f"has {len(variables)}: it was written by another version of "
+        "tf_finetune. Pass --fresh to start over.")
+  for variable, value in zip(variables, values):
+    variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def _first_line(error: Exception) -> str:

@@ -7,10 +7,7 @@ Also the small job that reuses a trained workdir: `--mode=export`
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
-import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
@@ -18,7 +15,9 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (checkpoints, data, distribute, export, features,
-                         files, plots, report, selection, speed, stages)
+                         files, fit_plan, plots, report, selection, speed,
+                         stages, training_logs)
+from tf_finetune import workdir as workdir_lib
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
 
@@ -57,9 +56,9 @@ def find_resume_state(config: Config, strategy
     ClusterError: the workers found different checkpoints.
   """
   if distribute.writes_outputs(strategy):
-    resume = checkpoints.prepare_workdir(config)  # Refuses another run's.
+    resume = workdir_lib.prepare_workdir(config)  # Refuses another run's.
   else:
-    resume = checkpoints.check_workdir(config)
+    resume = workdir_lib.check_workdir(config)
   distribute.check_same_start(strategy, describe_start(resume),
                               config.workdir)
   return resume
@@ -149,7 +148,7 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
   switches = speed.resolve_switches(config, strategy)  # XLA, precision, stage 1
   plan = stages.StagePlan.from_config(
       config, switches.jit_compile,
-      checkpoints.count_steps(datasets.num_examples["train"],
+      fit_plan.count_steps(datasets.num_examples["train"],
                               config.batch_size))
   with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_fn(len(datasets.class_names), config.image_size,
@@ -204,7 +203,8 @@ def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
   config = run.config
   logs = os.path.join(config.workdir, "logs")
   if resume is not None:
-    checkpoints.trim_csv_log(os.path.join(logs, "training.csv"), resume.epoch)
+    training_logs.trim_csv_log(os.path.join(logs, "training.csv"),
+                               resume.epoch)
   checkpointer = checkpoints.Checkpointer(
       config.workdir, config, stage_callback, run.plan.steps_per_epoch,
       resume, model=run.model, best=best,
@@ -212,10 +212,10 @@ def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
       if config.caches_features else ())
   # The checkpointer comes last: it saves once the other callbacks, the
   # CSV log and the best-weights keeper included, have seen the epoch.
-  callbacks = [*create_logging_callbacks(config.workdir,
-                                         append=resume is not None),
+  callbacks = [*training_logs.create_logging_callbacks(
+                   config.workdir, append=resume is not None),
                *extra_callbacks, checkpointer,
-               checkpoints.EpochProgress(config.total_epochs)]
+               training_logs.EpochProgress(config.total_epochs)]
   with checkpointer.catch_stop_signals():
     fit_stages(run, stage_callback, best, callbacks, resume)
 
@@ -248,20 +248,22 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
   with features.CachedHeadStage(
       model, plan, stage_callback, features.CacheSettings.from_config(config),
       train, unaugmented, val, verbose) as head:
-    for segment in checkpoints.fit_segments(resume, plan.total_epochs,
-                                            split_at=head_end):
+    for segment in fit_plan.fit_segments(resume, plan.total_epochs,
+                                         split_at=head_end):
       if segment.initial_epoch < head_end:
         history = head.fit(segment.initial_epoch, segment.epochs,
                            segment.skip_batches, callbacks)
       else:
         images, steps = training_batches(datasets, num_classes, segment,
                                          plan.steps_per_epoch)
+        # shuffle=False: the dataset shuffles itself (data.py); Keras ignores
+        # the default shuffle=True on a tf.data.Dataset but warns about it.
         history = model.fit(distribute.pad_batches(images, replicas),
                             steps_per_epoch=steps,
                             validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
                             epochs=segment.epochs, callbacks=callbacks,
-                            verbose=verbose)
+                            verbose=verbose, shuffle=False)
       features.continue_logs(callbacks)
       if model.stop_training:  # Early stopping (search trials).
         break
@@ -269,7 +271,7 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
 
 
 def training_batches(datasets: data.Datasets, num_classes: int,
-                     segment: checkpoints.FitSegment, steps_per_epoch: int
+                     segment: fit_plan.FitSegment, steps_per_epoch: int
                      ) -> Tuple[tf.data.Dataset, Optional[int]]:
   """The training images of a fit on images, and its steps per epoch.
 
@@ -298,56 +300,6 @@ def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
     return dataset
   return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)),
                      num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def create_logging_callbacks(workdir: str, append: bool = False):
-  """TensorBoard and CSV logs under WORKDIR/logs/, one epoch axis for both
-  stages (`fit_stages` continues them from fit to fit). `append` continues the CSV log of a
-  resumed run (and its second fit) instead of starting a new one."""
-  logs = os.path.join(workdir, "logs")
-  files.makedirs(logs)
-  csv_path = os.path.join(logs, "training.csv")
-  # TensorBoard writes through tf.summary, which reaches any tf.io.gfile store.
-  return [keras.callbacks.TensorBoard(logs, write_graph=False),
-          keras.callbacks.CSVLogger(csv_path, append=append)
-          if files.is_local(csv_path) else CopiedCSVLogger(csv_path, append)]
-
-
-class CopiedCSVLogger(keras.callbacks.CSVLogger):
-  """A CSVLogger for a non-local path: each `fit` logs to a local file that is
-  copied to the path after every epoch.
-
-  Keras 3.15's CSVLogger opens a non-local path as a `tf.io.gfile.GFile`,
-  then fails in `on_train_end`, which reads `GFile.closed` (GFile has no
-  such attribute).
-  """
-
-  def __init__(self, path: str, append: bool = False):
-    super().__init__(path, append=append)
-    self.target = path
-    self._local_folder = None
-
-  def on_train_begin(self, logs=None):
-    self._local_folder = tempfile.mkdtemp(prefix="tf_finetune-csv-")
-    # A fit that raises skips on_train_end; the folder then goes with the
-    # logger, or at exit.
-    weakref.finalize(self, shutil.rmtree, self._local_folder, True)
-    self.filename = os.path.join(self._local_folder,
-                                 os.path.basename(self.target))
-    # Continues the target's rows (a resumed run has trimmed them there).
-    if self.append and files.exists(self.target):
-      with open(self.filename, "wb") as f:
-        f.write(files.read_bytes(self.target))
-    super().on_train_begin(logs)
-
-  def on_epoch_end(self, epoch, logs=None):
-    super().on_epoch_end(epoch, logs)  # Flushes the local file.
-    with open(self.filename, "rb") as f:
-      files.write_bytes_atomic(self.target, f.read())
-
-  def on_train_end(self, logs=None):
-    super().on_train_end(logs)
-    shutil.rmtree(self._local_folder, ignore_errors=True)
 
 
 def evaluate_splits(model: keras.Model, datasets: data.Datasets,

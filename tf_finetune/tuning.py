@@ -33,7 +33,6 @@ search space, ARCHITECTURE.md).
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import contextlib
@@ -54,12 +53,6 @@ PROJECT = "tuner"
 DEFINITION_FILE = "search.json"
 REPORT_FILE = "tuning_report.json"
 BEST_CONFIG_FILE = "best.cfg"
-# Flags that do not change what a trial computes; a resumed search may
-# change them (e.g. more --max_trials, another --strategy).
-_RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
-                      "virtual_cpu_devices", "jit_compile", "export_dir",
-                      "top_k", "max_trials", "overwrite_search",
-                      "cache_memory_mb")
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 SHARED_HEADS = "shared_heads"
 # Searched flags that change what stage head trains.
@@ -364,33 +357,20 @@ def check_tuner_available(name: str) -> None:
         "--tuner=random or --tuner=hyperband.")
 
 
-def search_definition(config: Config) -> Dict:
-  """The flags a trial's result depends on, as JSON values."""
-  values = dataclasses.asdict(config)
-  for name in _RESUMABLE_CHANGES:
-    values.pop(name, None)
-  return json.loads(json.dumps(values))
-
-
 def prepare_project(config: Config) -> None:
   """Checks WORKDIR/tuner/ against the flags, or clears it; records them."""
   project = os.path.join(config.workdir, PROJECT)
   path = os.path.join(project, DEFINITION_FILE)
-  definition = search_definition(config)
+  definition = config_lib.fingerprint(config)
   if config.overwrite_search and files.isdir(project):
     files.remove_tree(project)
   elif files.isfile(path):
-    stored = files.read_json(path)
-    changed = [f"--{name} was {stored.get(name)!r}, now "
-               f"{definition.get(name)!r}"
-               for name in sorted(set(stored) | set(definition))
-               if stored.get(name) != definition.get(name)]
-    if changed:
-      raise UserError(
-          f"{project} holds a search with other settings ("
-          + "; ".join(changed) + "). KerasTuner would silently go on with "
-          "the old search space. Rerun with the same flags to resume it, or "
-          "add --overwrite_search to discard it and start afresh.")
+    config_lib.refuse_changed_flags(
+        files.read_json(path), definition,
+        holder=f"{project} holds a search with other settings",
+        remedy="KerasTuner would silently go on with the old search space. "
+        "Rerun with the same flags to resume it, or add --overwrite_search "
+        "to discard it and start afresh.")
     return
   elif files.isdir(project) and files.listdir(project):
     raise UserError(f"{project} holds files but no {DEFINITION_FILE}, so it "
