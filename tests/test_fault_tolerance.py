@@ -51,6 +51,7 @@ def build_tiny_model():
   outer = keras.Input((6,))
   # "pool": what stage head on cached features caches (model.FEATURES_NAME).
   features = keras.layers.Identity(name="pool")(backbone(outer))
+  features = keras.layers.Normalization(name="standardize")(features)
   outputs = keras.layers.Dense(3, activation="softmax", name="classifier")(
       features)
   return keras.Model(outer, outputs)

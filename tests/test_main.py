@@ -45,6 +45,12 @@ def test_report_has_the_contract_fields(smoke_run):
   head, finetune = report["stages"]
   assert (head["learning_rate"], finetune["learning_rate"]) == (1e-3, 1e-4)
   assert head["epochs"] == finetune["epochs"] == 1
+  # Stage head on cached features is a linear probe, its L2 picked on val.
+  grid = head["probe"]["grid"]
+  assert len(grid) == 13 and all(0 <= p["val_accuracy"] <= 1 for p in grid)
+  assert head["probe"]["chosen"] in grid
+  assert head["probe"]["chosen"]["val_accuracy"] == max(
+      p["val_accuracy"] for p in grid)
   assert finetune["trainable_params"] > head["trainable_params"] > 0
   for stage in report["stages"]:
     assert stage["seconds"] > 0

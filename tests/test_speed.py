@@ -54,7 +54,7 @@ def _fit_stages(model, plan, images, labels, workdir, batch_size=COUNT,
   config = Config(workdir=str(workdir), head_epochs=plan.head_epochs,
                   finetune_epochs=plan.finetune_epochs,
                   batch_size=batch_size, cache_memory_mb=64,
-                  **{"augment": (), **config})
+                  **{"augment": (), "probe_head": False, **config})
   run = train.Run(config, None, plan, datasets, model)
   # Watches a metric never logged, so keeps no epoch: these tests follow the
   # weights from epoch to epoch (test_selection.py tests the keeping).

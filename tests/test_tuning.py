@@ -52,8 +52,10 @@ def tiny_build(num_classes, image_size, weights, dropout, seed):
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
   x = backbone(model_lib.ImageNetPreprocess()(inputs))
   x = keras.layers.GlobalAveragePooling2D(name=model_lib.FEATURES_NAME)(x)
+  x = keras.layers.Normalization(name=model_lib.STANDARDIZE_NAME)(x)
   x = keras.layers.Dropout(dropout, seed=seed)(x)
-  outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+  outputs = keras.layers.Dense(num_classes, activation="softmax",
+                               name=model_lib.CLASSIFIER_NAME)(x)
   return keras.Model(inputs, outputs)
 
 

@@ -185,6 +185,10 @@ class Config:
   cache_features: bool = setting(
       True, "Stage head trains on backbone features computed once per view "
       "of each image instead of running the frozen backbone in every epoch.")
+  probe_head: bool = setting(
+      True, "With --cache_features, stage head is a linear probe: "
+      "standardised features, L2 strength picked on the validation split, "
+      "no dropout.")
   feature_views: int = setting(
       1, "Views per training image in the feature cache: 1 is the "
       "un-augmented images (--augment then applies in stage finetune only); "

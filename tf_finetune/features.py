@@ -37,8 +37,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import distribute, files, stages
-from tf_finetune.model import FEATURES_NAME
+from tf_finetune import distribute, files, probe, stages
+from tf_finetune.model import CLASSIFIER_NAME, FEATURES_NAME
 
 CACHE_DIR = "feature_cache"
 # Shuffle buffer (examples) of a view cached on disk: bounded, because the
@@ -56,17 +56,21 @@ class CacheSettings:
     memory_mb: cache held in memory up to this size; beyond, on disk.
     folder: for the on-disk part; removed afterwards.
     seed: shuffles the cached features.
+    probe: train the head as a linear probe (probe.py): standardised
+      features, L2 picked on validation, no dropout.
   """
   views: int
   batch_size: int
   memory_mb: float
   folder: str
   seed: int = 0
+  probe: bool = False
 
   @classmethod
   def from_config(cls, config) -> "CacheSettings":
     return cls(config.feature_views, config.batch_size, config.cache_memory_mb,
-               os.path.join(config.workdir, CACHE_DIR), config.seed)
+               os.path.join(config.workdir, CACHE_DIR), config.seed,
+               config.probe_head)
 
 
 class CachedHeadStage:
@@ -182,11 +186,44 @@ class CachedHeadStage:
         "disk.", summary["train_examples"], views, summary["val_examples"],
         summary["seconds"], summary["images_per_second"] or 0,
         summary["memory_mb"], summary["disk_mb"])
+    fields = {"probe": self._set_up_probe()} if self.settings.probe else {}
     with self.model.distribute_strategy.scope():
-      self.head = build_head_model(self.model)
+      self.head = build_head_model(
+          self.model, dropout=not self.settings.probe,
+          l2=fields["probe"]["chosen"]["l2"] if fields else 0.0)
       compile_head_model(self.head, self.model, self.plan.jit_compile)
     self.stage_callback.start_stage_early(
-        stages.HEAD, started, input="cached_features", feature_cache=summary)
+        stages.HEAD, started, input="cached_features", feature_cache=summary,
+        **fields)
+
+  def _set_up_probe(self) -> dict:
+    """Standardises the features and picks the head's L2 on validation.
+
+    A run resumed within stage head finds both in its checkpoint (the
+    statistics are the model's weights, the choice is in the stage record)
+    and computes neither again.
+
+    Returns:
+      The stage record's "probe" field.
+    """
+    resumed = next((r.get("probe") for r in self.stage_callback.records
+                    if r["name"] == stages.HEAD), None)
+    if resumed is not None:
+      return resumed
+    mean, scale = probe.feature_moments([v.dataset() for v in self.views])
+    probe.set_standardization(self.model, mean, scale)
+    train, steps = training_dataset(self.views, 0, self.settings.batch_size,
+                                    self.settings.seed)
+    validation = (None if self.val is None
+                  else self.val.dataset().batch(self.settings.batch_size))
+    points = probe.fit_grid(
+        train, steps, self.plan.head_epochs, validation,
+        self.model.output_shape[-1], self.views[0].count, mean, scale,
+        self.plan.head_learning_rate, self.plan.label_smoothing,
+        self.settings.seed)
+    chosen = probe.choose(points)
+    probe.log_choice(points, chosen)
+    return probe.describe(points, chosen, probe.SCALE_FLOOR)
 
 
 def make_feature_extractor(model: keras.Model, jit_compile: bool = False
@@ -203,12 +240,42 @@ def make_feature_extractor(model: keras.Model, jit_compile: bool = False
                      input_signature=[spec], jit_compile=jit_compile)
 
 
-def build_head_model(model: keras.Model) -> keras.Model:
+class HeadOnFeatures(keras.Model):
+  """A functional head model whose training loss adds l2 * ||kernel||^2 of
+  the classifier; validation losses stay the data loss alone, comparable
+  with stage finetune's (a Keras regularizer would add it to both).
+
+  Args:
+    inputs, outputs: of the functional model.
+    l2: the factor of the L2 term; 0: none.
+  """
+
+  def __init__(self, inputs, outputs, l2: float = 0.0, **kwargs):
+    super().__init__(inputs, outputs, **kwargs)
+    self.l2 = l2
+
+  def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                   training=True):
+    loss = super().compute_loss(x, y, y_pred, sample_weight,
+                                training=training)
+    if not training or not self.l2:
+      return loss
+    kernel = self.get_layer(CLASSIFIER_NAME).kernel
+    # Keras scales each replica's data loss by 1 / replicas before the
+    # gradients are summed over replicas; the penalty must be too.
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss + self.l2 * keras.ops.sum(keras.ops.square(kernel)) / replicas
+
+
+def build_head_model(model: keras.Model, dropout: bool = True,
+                     l2: float = 0.0) -> keras.Model:
   """Features [B, D] -> probabilities, through `model`'s own head layers.
 
   The layers after the pooling layer are called again on a new input, not
   copied: their weights are shared with `model`, so whatever this head
-  learns is in `model` when stage finetune starts.
+  learns is in `model` when stage finetune starts. Without `dropout` the
+  Dropout layer is left out (a linear probe regularises by L2 alone); `l2`
+  adds an L2 term on the classifier's kernel to the training loss.
   """
   names = [layer.name for layer in model.layers]
   pool = model.layers[names.index(FEATURES_NAME)]
@@ -216,8 +283,9 @@ def build_head_model(model: keras.Model) -> keras.Model:
                        name="features")
   outputs = inputs
   for layer in model.layers[names.index(FEATURES_NAME) + 1:]:
-    outputs = layer(outputs)
-  return keras.Model(inputs, outputs, name="head_on_features")
+    if dropout or not isinstance(layer, keras.layers.Dropout):
+      outputs = layer(outputs)
+  return HeadOnFeatures(inputs, outputs, l2=l2, name="head_on_features")
 
 
 def compile_head_model(head: keras.Model, model: keras.Model,

@@ -17,6 +17,10 @@ from tf_finetune.config import UserError
 BACKBONE_NAME = "backbone"
 # The pooled backbone output: the head's input, and what features.py caches.
 FEATURES_NAME = "pool"
+# Standardises the pooled features; the identity until stage head sets it
+# (probe.py).
+STANDARDIZE_NAME = "standardize"
+CLASSIFIER_NAME = "classifier"
 # The fixed map of caffe-mode preprocessing (below); it never trains.
 PREPROCESS_NAME = "preprocess"
 # ResNet50's ImageNet preprocessing ("caffe" mode of
@@ -96,10 +100,14 @@ def build_model(num_classes: int, image_size: int, weights: str = "imagenet",
   x = preprocess_images(inputs)
   x = build_backbone(shape, weights)(x)
   x = keras.layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
+  # A built-in layer, so that model.keras loads without this package; its
+  # mean and variance are weights (saved with the model), set from the
+  # training features when stage head starts.
+  x = keras.layers.Normalization(name=STANDARDIZE_NAME, dtype="float32")(x)
   x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
   # float32 output keeps the softmax and the loss stable under mixed precision.
   outputs = keras.layers.Dense(
-      num_classes, activation="softmax", dtype="float32", name="classifier",
+      num_classes, activation="softmax", dtype="float32", name=CLASSIFIER_NAME,
       kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
   return keras.Model(inputs, outputs, name="classifier_model")
 
