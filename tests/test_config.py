@@ -14,7 +14,8 @@ VALID_VALUES = {"dataset": "folder:/images", "weights": "none",
                 "search_unfreeze_blocks": "0:4",
                 "search_finetune_learning_rate": "1e-5:1e-3",
                 "search_head_learning_rate": "1e-4:1e-2",
-                "search_dropout": "0.1:0.5"}
+                "search_dropout": "0.1:0.5",
+                "export_formats": ("saved_model", "tflite")}
 
 
 def parse_flags(*argv):
