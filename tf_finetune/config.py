@@ -110,6 +110,7 @@ class Config:
   cache_memory_mb: int = 1024
   lr_schedule: str = "cosine"
   warmup_fraction: float = 0.1
+  calibrate: bool = True  # Temperature scaling on the validation split.
 
   @property
   def total_epochs(self) -> int:
