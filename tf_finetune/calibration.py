@@ -31,6 +31,7 @@ CLASSIFIER_NAME = "classifier"
 # T is searched in [1/20, 20], in log space. A validation split the model
 # separates perfectly drives the optimum towards T -> 0; the bound stops it.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+KERAS_EPSILON = 1e-7
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
@@ -105,16 +106,15 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
 def summarize(probabilities: np.ndarray, labels: np.ndarray) -> Dict:
   """{"ece", "nll", "mean_confidence", "accuracy"} of predicted probabilities.
 
-  The NLL clips probabilities at float32's smallest normal number: a
-  float32 softmax can round a far-off class to 0.
+  The NLL clips probabilities at Keras' epsilon, as Keras' cross-entropy
+  (the runs' val_loss) and evaluate.py's loss do, so the figures compare.
   """
   probabilities = np.asarray(probabilities, np.float64)
   labels = np.asarray(labels, np.int64)
   true = probabilities[np.arange(len(labels)), labels]
   return {
       "ece": expected_calibration_error(probabilities, labels),
-      "nll": float(-np.mean(np.log(np.maximum(
-          true, np.finfo(np.float32).tiny)))),
+      "nll": float(-np.mean(np.log(np.maximum(true, KERAS_EPSILON)))),
       "mean_confidence": float(np.mean(probabilities.max(axis=-1))),
       "accuracy": float(np.mean(probabilities.argmax(axis=-1) == labels)),
   }

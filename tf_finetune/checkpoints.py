@@ -52,12 +52,13 @@ _FORMAT = 1
 # or `kill` (SIGTERM), Ctrl-C in the terminal (SIGINT).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Flags that may change between a run and its resumption: where things go
-# and how fast they run, not what is trained. Every other Config field is
-# part of the fingerprint, so a flag added later is protected by default.
+# and how fast they run, not what is trained (calibration follows the last
+# epoch). Every other Config field is part of the fingerprint, so a flag
+# added later is protected by default.
 RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                      "virtual_cpu_devices", "jit_compile", "export_dir",
                      "top_k", "save_every_steps", "fresh",
-                     "cache_memory_mb")
+                     "cache_memory_mb", "calibrate")
 
 
 class TrainingDiverged(UserError):

@@ -55,11 +55,12 @@ DEFINITION_FILE = "search.json"
 REPORT_FILE = "tuning_report.json"
 BEST_CONFIG_FILE = "best.cfg"
 # Flags that do not change what a trial computes; a resumed search may
-# change them (e.g. more --max_trials, another --strategy).
+# change them (e.g. more --max_trials, another --strategy). Trials never
+# calibrate: they save no model, and the search compares what they trained.
 _RESUMABLE_CHANGES = ("workdir", "mode", "data_dir", "strategy",
                       "virtual_cpu_devices", "jit_compile", "export_dir",
                       "top_k", "max_trials", "overwrite_search",
-                      "cache_memory_mb")
+                      "cache_memory_mb", "calibrate")
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 SHARED_HEADS = "shared_heads"
 # Searched flags that change what stage head trains.
