@@ -38,6 +38,25 @@ def test_fitted_temperature_undoes_a_scaling_of_calibrated_logits(scale):
               calibration.softmax(scaled), labels))
 
 
+def test_only_a_significantly_better_temperature_is_used():
+  # Calibrated logits: the fitted T is near 1 by chance only.
+  logits, labels = sample_task(num_examples=500, seed=3)
+  chosen = calibration.choose_temperature(logits, labels)
+  assert chosen["fitted_temperature"] == pytest.approx(1.0, abs=0.1)
+  assert chosen["p_value"] >= calibration.SIGNIFICANCE
+  assert chosen["temperature"] == 1.0
+  # Underconfident ones: T is used, p from the chi-squared law of twice the
+  # log-likelihood gain.
+  chosen = calibration.choose_temperature(logits * 0.6, labels)
+  gain = 500 * (calibration.negative_log_likelihood(logits * 0.6, labels)
+                - calibration.negative_log_likelihood(
+                    logits * 0.6, labels, chosen["fitted_temperature"]))
+  from scipy.stats import chi2
+  assert chosen["p_value"] == pytest.approx(chi2.sf(2 * gain, 1))
+  assert chosen["p_value"] < calibration.SIGNIFICANCE
+  assert chosen["temperature"] == chosen["fitted_temperature"] < 1
+
+
 def test_negative_log_likelihood_matches_scikit_learn():
   from sklearn.metrics import log_loss
   logits, labels = sample_task(num_examples=50)
@@ -121,8 +140,9 @@ def test_calibrate_model_folds_the_fitted_temperature():
   model, dataset = tiny_classifier(), tiny_dataset()
   logits, labels = calibration.predict_logits(model, dataset)
   record = calibration.calibrate_model(model, dataset)
-  assert record["temperature"] == pytest.approx(
-      calibration.fit_temperature(logits, labels))
+  assert record["temperature"] == record["fitted_temperature"] == (
+      pytest.approx(calibration.fit_temperature(logits, labels)))
+  assert record["p_value"] < calibration.SIGNIFICANCE
   assert record["num_examples"] == 60 and record["split"] == "val"
   assert record["after"]["nll"] < record["before"]["nll"]
   assert record["after"]["accuracy"] == record["before"]["accuracy"]

@@ -5,7 +5,8 @@ underconfident, others are often overconfident; either way "accept above
 0.9" does not mean 90% right. Temperature scaling (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017) divides the logits by
 one scalar T fitted on held-out data by minimising the negative
-log-likelihood of softmax(logits / T). Dividing by a positive scalar never
+log-likelihood of softmax(logits / T); here T is used only when a
+likelihood-ratio test finds it significantly better than T = 1. Dividing by a positive scalar never
 changes which class is largest, so no prediction changes class.
 
 `fold_temperature` puts T into the model itself, by dividing the final
@@ -24,6 +25,7 @@ import keras
 import numpy as np
 import scipy.optimize
 import scipy.special
+import scipy.stats
 import tensorflow as tf
 
 NUM_BINS = 15
@@ -32,6 +34,8 @@ CLASSIFIER_NAME = "classifier"
 # separates perfectly drives the optimum towards T -> 0; the bound stops it.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 KERAS_EPSILON = 1e-7
+# Level of the test that decides whether a fitted T is folded at all.
+SIGNIFICANCE = 0.05
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
@@ -60,6 +64,28 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
   if found.fun < objective(0.0):
     return float(math.exp(found.x))
   return 1.0
+
+
+def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> Dict:
+  """The fitted T, and the T to fold: the fitted one only when it is
+  significantly better than T = 1.
+
+  A likelihood-ratio test: under "T = 1 is right", twice the
+  log-likelihood gain of the fitted T is chi-squared with one degree of
+  freedom. A few hundred validation images that are already calibrated
+  still give a fitted T a little off 1, which would only add noise; below
+  SIGNIFICANCE the model is left as trained.
+
+  Returns:
+    {"fitted_temperature", "p_value", "temperature" (what to fold: the
+    fitted one if p_value < SIGNIFICANCE, else 1.0)}.
+  """
+  fitted = fit_temperature(logits, labels)
+  gain = len(labels) * (negative_log_likelihood(logits, labels)
+                        - negative_log_likelihood(logits, labels, fitted))
+  p_value = float(scipy.stats.chi2.sf(2 * max(gain, 0.0), df=1))
+  return {"fitted_temperature": fitted, "p_value": p_value,
+          "temperature": fitted if p_value < SIGNIFICANCE else 1.0}
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -176,19 +202,22 @@ def fold_temperature(model: keras.Model, temperature: float) -> None:
 
 def calibrate_model(model: keras.Model, dataset: tf.data.Dataset,
                     split: str = "val") -> Optional[Dict]:
-  """Fits T on `dataset`, folds it into `model`, returns the record.
+  """Fits T on `dataset`, folds it into `model` if it is significantly
+  better than 1 (`choose_temperature`), returns the record.
 
   Returns:
-    {"temperature", "split", "num_examples", "bins", "before", "after"}
-    (`summarize` of the probabilities before and after), or None when the
-    split is empty.
+    {"temperature" (folded; 1.0: none), "fitted_temperature", "p_value",
+    "split", "num_examples", "bins", "before", "after"} (`summarize` of the
+    probabilities before and after, i.e. as trained and as served), or
+    None when the split is empty.
   """
   logits, labels = predict_logits(model, dataset)
   if not len(labels):
     return None
-  temperature = fit_temperature(logits, labels)
+  chosen = choose_temperature(logits, labels)
+  temperature = chosen["temperature"]
   record = {
-      "temperature": temperature, "split": split,
+      **chosen, "split": split,
       "num_examples": int(len(labels)), "bins": NUM_BINS,
       "before": summarize(softmax(logits), labels),
       "after": summarize(softmax(logits, temperature), labels),

@@ -208,9 +208,13 @@ def calibrate(config: Config, model: keras.Model,
     if record is not None:
       before, after = record["before"], record["after"]
       logging.info(
-          "Calibration on %d validation images: temperature %.3f; ECE "
-          "%.4f -> %.4f, NLL %.4f -> %.4f, mean confidence %.4f -> %.4f at "
-          "accuracy %.4f.", record["num_examples"], record["temperature"],
+          "Calibration on %d validation images: fitted temperature %.3f "
+          "(likelihood-ratio p = %.3g), %s; ECE %.4f -> %.4f, NLL %.4f -> "
+          "%.4f, mean confidence %.4f -> %.4f at accuracy %.4f.",
+          record["num_examples"], record["fitted_temperature"],
+          record["p_value"], "folded into the classifier"
+          if record["temperature"] != 1.0 else
+          "not significantly better than 1: not folded",
           before["ece"], after["ece"], before["nll"], after["nll"],
           before["mean_confidence"], after["mean_confidence"],
           after["accuracy"])
