@@ -12,7 +12,7 @@ predictions.
 """
 
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -47,7 +47,7 @@ def run_evaluation(config: Config) -> Dict:
   labels, probabilities = predict_dataset(model, getattr(datasets, split))
   result = {"split": split, "num_examples": int(len(labels)),
             **compute_metrics(labels, probabilities, datasets.class_names)}
-  temperature = _trained_temperature(config.workdir)
+  temperature = _folded_temperature(config.workdir)
   result["calibration"] = describe_calibration(labels, probabilities,
                                                temperature)
   files.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
@@ -55,7 +55,7 @@ def run_evaluation(config: Config) -> Dict:
   plots.write_reliability_diagram(
       calibration.reliability_bins(probabilities, labels),
       os.path.join(config.workdir, plots.RELIABILITY_FILE),
-      before=None if temperature is None else calibration.reliability_bins(
+      before=None if temperature == 1.0 else calibration.reliability_bins(
           calibration.uncalibrated(probabilities, temperature), labels),
       title=f"{split} split: {len(labels)} images, ECE "
       f"{result['calibration']['after']['ece']:.3f}")
@@ -69,7 +69,7 @@ def run_evaluation(config: Config) -> Dict:
 
 
 def describe_calibration(labels: np.ndarray, probabilities: np.ndarray,
-                         temperature: Optional[float]) -> Dict:
+                         temperature: float) -> Dict:
   """evaluation.json's "calibration": the served probabilities' figures
   (`calibration.summarize`) as "after", and with the training run's
   temperature undone as "before" (the same figures when there is none).
@@ -77,10 +77,10 @@ def describe_calibration(labels: np.ndarray, probabilities: np.ndarray,
   Args:
     labels: int [N].
     probabilities: float [N, C], what the model serves.
-    temperature: report.json's fitted temperature, or None.
+    temperature: the temperature folded into the model (report.json).
   """
   after = calibration.summarize(probabilities, labels)
-  before = after if temperature is None else calibration.summarize(
+  before = after if temperature == 1.0 else calibration.summarize(
       calibration.uncalibrated(probabilities, temperature), labels)
   return {"temperature": temperature, "bins": calibration.NUM_BINS,
           "before": before, "after": after}
@@ -192,13 +192,13 @@ def _check_classes(model: keras.Model, class_names: Sequence[str],
         f"{workdir!r} has {num_outputs} outputs.")
 
 
-def _trained_temperature(workdir: str) -> Optional[float]:
-  """The temperature the training run folded into the model, or None
-  (--nocalibrate, no validation split, no report.json)."""
+def _folded_temperature(workdir: str) -> float:
+  """The temperature the training run folded into the model; 1.0 for none
+  (not significant, --nocalibrate, no validation split, no report.json)."""
   path = os.path.join(workdir, report.REPORT_FILE)
   if not files.exists(path):
-    return None
-  return files.read_json(path).get("calibration", {}).get("temperature")
+    return 1.0
+  return files.read_json(path).get("calibration", {}).get("temperature", 1.0)
 
 
 def _trained_class_names(workdir: str):

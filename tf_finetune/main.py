@@ -73,8 +73,8 @@ flags.DEFINE_float("dropout", _D.dropout, "Dropout before the head.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
 flags.DEFINE_bool("calibrate", _D.calibrate,
                   "Fit a temperature on the validation split after training "
-                  "and fold it into the classifier, so served probabilities "
-                  "are calibrated; --nocalibrate keeps them as trained.")
+                  "and, if significantly better than none, fold it into the "
+                  "classifier, so served probabilities are calibrated.")
 flags.DEFINE_string("augment", ",".join(_D.augment),
                     "Comma list of augmentations, or none.")
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
