@@ -57,6 +57,16 @@ def test_only_a_significantly_better_temperature_is_used():
   assert chosen["temperature"] == chosen["fitted_temperature"] < 1
 
 
+def test_a_perfectly_separated_split_gets_no_temperature():
+  # Every example right with a margin: the NLL falls all the way to T -> 0.
+  logits, labels = sample_task(num_examples=200, seed=4)
+  labels = logits.argmax(axis=-1)
+  chosen = calibration.choose_temperature(logits * 5, labels)
+  assert chosen["fitted_temperature"] == pytest.approx(
+      calibration.MIN_TEMPERATURE, rel=0.01)
+  assert chosen["at_bound"] and chosen["temperature"] == 1.0
+
+
 def test_negative_log_likelihood_matches_scikit_learn():
   from sklearn.metrics import log_loss
   logits, labels = sample_task(num_examples=50)

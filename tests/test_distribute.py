@@ -686,10 +686,12 @@ def test_odd_validation_split_is_evaluated_image_by_image(odd_split_run):
   calibrated = report["calibration"]
   assert report["kept"]["val_loss"] == pytest.approx(
       calibrated["before"]["nll"], rel=1e-3)
+  # abs: a model this sure of the tiny split has an NLL near 1e-7, where
+  # float32 and float64 probabilities differ relatively.
   assert calibrated["after"]["nll"] == pytest.approx(evaluation["loss"],
-                                                     rel=1e-3)
+                                                     rel=1e-3, abs=1e-6)
   assert evaluation["calibration"]["after"] == pytest.approx(
-      calibrated["after"], rel=1e-3)
+      calibrated["after"], rel=1e-3, abs=1e-6)
 
 
 def test_every_split_is_sharded_by_data(tmp_path):

@@ -6,7 +6,8 @@ underconfident, others are often overconfident; either way "accept above
 Calibration of Modern Neural Networks", ICML 2017) divides the logits by
 one scalar T fitted on held-out data by minimising the negative
 log-likelihood of softmax(logits / T); here T is used only when a
-likelihood-ratio test finds it significantly better than T = 1. Dividing by a positive scalar never
+likelihood-ratio test finds it significantly better than T = 1, and the
+optimum is not at a bound of the search. Dividing by a positive scalar never
 changes which class is largest, so no prediction changes class.
 
 `fold_temperature` puts T into the model itself, by dividing the final
@@ -31,8 +32,10 @@ import tensorflow as tf
 NUM_BINS = 15
 CLASSIFIER_NAME = "classifier"
 # T is searched in [1/20, 20], in log space. A validation split the model
-# separates perfectly drives the optimum towards T -> 0; the bound stops it.
+# separates perfectly drives the optimum towards T -> 0; the bound stops it,
+# and a T within 1% of a bound is not used (`choose_temperature`).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+_BOUND_MARGIN = 1.01
 KERAS_EPSILON = 1e-7
 # Level of the test that decides whether a fitted T is folded at all.
 SIGNIFICANCE = 0.05
@@ -68,24 +71,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> Dict:
   """The fitted T, and the T to fold: the fitted one only when it is
-  significantly better than T = 1.
+  significantly better than T = 1 and not at a bound of the search.
 
   A likelihood-ratio test: under "T = 1 is right", twice the
   log-likelihood gain of the fitted T is chi-squared with one degree of
   freedom. A few hundred validation images that are already calibrated
   still give a fitted T a little off 1, which would only add noise; below
-  SIGNIFICANCE the model is left as trained.
+  SIGNIFICANCE the model is left as trained. A T at a bound is no optimum
+  (a validation split classified perfectly has none: its NLL falls all the
+  way to T -> 0) and would make every score near 1 or near uniform.
 
   Returns:
     {"fitted_temperature", "p_value", "temperature" (what to fold: the
-    fitted one if p_value < SIGNIFICANCE, else 1.0)}.
+    fitted one if it passes both checks, else 1.0), "at_bound"}.
   """
   fitted = fit_temperature(logits, labels)
   gain = len(labels) * (negative_log_likelihood(logits, labels)
                         - negative_log_likelihood(logits, labels, fitted))
   p_value = float(scipy.stats.chi2.sf(2 * max(gain, 0.0), df=1))
+  at_bound = not (MIN_TEMPERATURE * _BOUND_MARGIN < fitted
+                  < MAX_TEMPERATURE / _BOUND_MARGIN)
+  use = p_value < SIGNIFICANCE and not at_bound
   return {"fitted_temperature": fitted, "p_value": p_value,
-          "temperature": fitted if p_value < SIGNIFICANCE else 1.0}
+          "at_bound": at_bound, "temperature": fitted if use else 1.0}
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -203,11 +211,12 @@ def fold_temperature(model: keras.Model, temperature: float) -> None:
 def calibrate_model(model: keras.Model, dataset: tf.data.Dataset,
                     split: str = "val") -> Optional[Dict]:
   """Fits T on `dataset`, folds it into `model` if it is significantly
-  better than 1 (`choose_temperature`), returns the record.
+  better than 1 and not at a bound (`choose_temperature`), returns the
+  record.
 
   Returns:
     {"temperature" (folded; 1.0: none), "fitted_temperature", "p_value",
-    "split", "num_examples", "bins", "before", "after"} (`summarize` of the
+    "at_bound", "split", "num_examples", "bins", "before", "after"} (`summarize` of the
     probabilities before and after, i.e. as trained and as served), or
     None when the split is empty.
   """

@@ -212,9 +212,7 @@ def calibrate(config: Config, model: keras.Model,
           "(likelihood-ratio p = %.3g), %s; ECE %.4f -> %.4f, NLL %.4f -> "
           "%.4f, mean confidence %.4f -> %.4f at accuracy %.4f.",
           record["num_examples"], record["fitted_temperature"],
-          record["p_value"], "folded into the classifier"
-          if record["temperature"] != 1.0 else
-          "not significantly better than 1: not folded",
+          record["p_value"], describe_fold(record),
           before["ece"], after["ece"], before["nll"], after["nll"],
           before["mean_confidence"], after["mean_confidence"],
           after["accuracy"])
@@ -223,6 +221,16 @@ def calibrate(config: Config, model: keras.Model,
   logging.info("Calibration skipped: %s; probabilities are served as "
                "trained.", reason)
   return {"skipped": reason}
+
+
+def describe_fold(record: Dict) -> str:
+  """Whether the fitted temperature was folded in, and if not, why."""
+  if record["temperature"] != 1.0:
+    return "folded into the classifier"
+  if record["at_bound"]:
+    return ("at a bound of the search, no optimum (a validation split the "
+            "model classifies perfectly has none): not folded")
+  return "not significantly better than 1: not folded"
 
 
 def objective_direction(objective: str) -> str:
