@@ -132,7 +132,7 @@ def tiny_dataset(num_examples=60, num_classes=3, seed=1):
   return tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
 
 
-def test_folding_scales_logits_and_keeps_every_prediction():
+def test_folding_scales_logits_and_keeps_every_prediction(tmp_path):
   model, dataset = tiny_classifier(), tiny_dataset()
   images = np.concatenate([x.numpy() for x, _ in dataset])
   logits, _ = calibration.predict_logits(model, dataset)
@@ -144,6 +144,13 @@ def test_folding_scales_logits_and_keeps_every_prediction():
                              atol=1e-6)
   assert (after.argmax(-1) == before.argmax(-1)).all()
   assert after.max(-1).mean() < before.max(-1).mean()
+  # model.keras carries the fold: same architecture, calibrated outputs.
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  reloaded = keras.models.load_model(path, safe_mode=True)
+  assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
+  np.testing.assert_allclose(reloaded.predict_on_batch(images), after,
+                             atol=1e-6)
 
 
 def test_calibrate_model_folds_the_fitted_temperature():
