@@ -1,8 +1,9 @@
 """Temperature scaling: calibrated probabilities from one fitted scalar.
 
-A classifier trained with label smoothing (the default recipe) is
-underconfident, others are often overconfident; either way "accept above
-0.9" does not mean 90% right. Temperature scaling (Guo et al., "On
+A classifier's highest probability need not match how often it is right:
+label smoothing (in the default recipe) pulls confidence down, training to
+a near-zero loss pushes it up; either way "accept above 0.9" need not mean
+90% right. Temperature scaling (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017) divides the logits by
 one scalar T fitted on held-out data by minimising the negative
 log-likelihood of softmax(logits / T); here T is used only when a
