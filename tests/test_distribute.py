@@ -8,6 +8,7 @@ several processes (here two workers on 127.0.0.1).
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -280,6 +281,10 @@ def test_multi_worker_ends_with_identical_weights(multi_worker_run):
   for layer in ("backbone", "classifier"):
     assert chief[1][layer].keys() == worker[1][layer].keys()
     assert changed_keys(chief[1][layer], worker[1][layer]) == set()
+  # After training, both fitted and folded the same temperature (or none).
+  calibrations = [re.findall(r"Calibration on .*", log)
+                  for log in multi_worker_run["logs"]]
+  assert len(calibrations[0]) == 1 and calibrations[0] == calibrations[1]
 
 
 def test_multi_worker_splits_each_global_batch_between_workers(

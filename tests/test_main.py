@@ -56,9 +56,15 @@ def test_report_has_the_contract_fields(smoke_run):
   calibrated = report["calibration"]
   assert (calibrated["split"], calibrated["bins"]) == ("val", 15)
   assert calibrated["num_examples"] == counts["val"]
-  assert 0.05 <= calibrated["temperature"] <= 20
+  assert 0.05 <= calibrated["fitted_temperature"] <= 20
+  assert 0 <= calibrated["p_value"] <= 1
   before, after = calibrated["before"], calibrated["after"]
   assert after["nll"] <= before["nll"]
+  # Folded only when significant; otherwise served as trained.
+  if calibrated["p_value"] >= 0.05 or calibrated["at_bound"]:
+    assert calibrated["temperature"] == 1.0 and after == before
+  else:
+    assert calibrated["temperature"] == calibrated["fitted_temperature"]
   # The temperature changes no prediction's class.
   assert after["accuracy"] == before["accuracy"] == pytest.approx(
       report["val_accuracy"], abs=1e-6)
