@@ -8,6 +8,7 @@ several processes (here two workers on 127.0.0.1).
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -280,6 +281,10 @@ def test_multi_worker_ends_with_identical_weights(multi_worker_run):
   for layer in ("backbone", "classifier"):
     assert chief[1][layer].keys() == worker[1][layer].keys()
     assert changed_keys(chief[1][layer], worker[1][layer]) == set()
+  # After training, both fitted and folded the same temperature (or none).
+  calibrations = [re.findall(r"Calibration on .*", log)
+                  for log in multi_worker_run["logs"]]
+  assert len(calibrations[0]) == 1 and calibrations[0] == calibrations[1]
 
 
 def test_multi_worker_splits_each_global_batch_between_workers(
@@ -680,8 +685,17 @@ def test_odd_validation_split_is_evaluated_image_by_image(odd_split_run):
   # the 33 real images counts.
   assert report["val_accuracy"] == pytest.approx(evaluation["accuracy"],
                                                  abs=1e-6)
-  assert report["kept"]["val_loss"] == pytest.approx(evaluation["loss"],
+  # The kept epoch's loss is the model's before temperature scaling; what
+  # the scaling, fitted under two replicas, left is what model.keras
+  # serves. (All 33 images are right: the fit runs to its lower bound and
+  # nothing is folded.)
+  calibrated = report["calibration"]
+  assert report["kept"]["val_loss"] == pytest.approx(
+      calibrated["before"]["nll"], rel=1e-3)
+  assert calibrated["after"]["nll"] == pytest.approx(evaluation["loss"],
                                                      rel=1e-3)
+  assert evaluation["calibration"]["after"] == pytest.approx(
+      calibrated["after"], rel=1e-3)
 
 
 def test_every_split_is_sharded_by_data(tmp_path):

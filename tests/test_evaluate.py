@@ -90,6 +90,18 @@ def test_evaluate_mode_writes_metrics_and_confusion_matrix(smoke_run,
   with Image.open(os.path.join(workdir, "confusion_matrix.png")) as image:
     assert image.format == "PNG"
   assert f"test accuracy: {evaluation['accuracy']:.4f}" in result.stdout
+  # Calibration of the served probabilities on the test split, and with
+  # the training run's temperature undone.
+  calibrated = evaluation["calibration"]
+  assert calibrated["temperature"] == report["calibration"]["temperature"]
+  after = calibrated["after"]
+  assert after["nll"] == pytest.approx(evaluation["loss"], rel=1e-4)
+  assert after["accuracy"] == calibrated["before"]["accuracy"] == (
+      evaluation["accuracy"])
+  if calibrated["temperature"] != 1.0:
+    assert calibrated["before"]["nll"] != pytest.approx(after["nll"])
+  with Image.open(os.path.join(workdir, "reliability.png")) as image:
+    assert image.format == "PNG"
 
 
 @pytest.mark.slow

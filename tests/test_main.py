@@ -60,6 +60,23 @@ def test_report_has_the_contract_fields(smoke_run):
   assert 0.0 <= report["test_accuracy"] <= 1.0
   assert report["export_path"] == os.path.join(workdir, "export", "1")
   assert set(report["images_per_second"]) == {"head", "finetune"}
+  calibrated = report["calibration"]
+  assert (calibrated["split"], calibrated["bins"]) == ("val", 15)
+  assert calibrated["num_examples"] == counts["val"]
+  assert 0.05 <= calibrated["fitted_temperature"] <= 20
+  assert 0 <= calibrated["p_value"] <= 1
+  before, after = calibrated["before"], calibrated["after"]
+  assert after["nll"] <= before["nll"]
+  # Folded only when significant; otherwise served as trained.
+  if calibrated["p_value"] >= 0.05 or calibrated["at_bound"]:
+    assert calibrated["temperature"] == 1.0 and after == before
+  else:
+    assert calibrated["temperature"] == calibrated["fitted_temperature"]
+  # The temperature changes no prediction's class.
+  assert after["accuracy"] == before["accuracy"] == pytest.approx(
+      report["val_accuracy"], abs=1e-6)
+  for figures in (before, after):
+    assert 0 <= figures["ece"] <= 1 and 0 < figures["mean_confidence"] <= 1
 
 
 def test_flags_cfg_is_a_reusable_flagfile(smoke_run):

@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tf_finetune import plots
@@ -89,3 +90,26 @@ def test_confusion_matrix_figure_shows_the_counts_and_names():
   assert [t.get_text() for t in axes.get_yticklabels()] == ["a", "b", "c"]
   assert sorted(int(t.get_text()) for t in axes.texts) == sorted(
       matrix.ravel())
+
+
+def test_reliability_diagram_shows_each_bins_accuracy(tmp_path):
+  from tf_finetune import calibration
+  probabilities = np.array([[0.95, 0.05], [0.9, 0.1], [0.7, 0.3],
+                            [0.4, 0.6]])
+  labels = np.array([0, 1, 0, 1])
+  bins = calibration.reliability_bins(probabilities, labels)
+  before = calibration.reliability_bins(probabilities ** 2 / np.sum(
+      probabilities ** 2, axis=1, keepdims=True), labels)
+  figure = plots.build_reliability_figure(bins, before)
+  axes, counts = figure.get_axes()
+  heights = [bar.get_height() for bar in axes.patches]
+  np.testing.assert_allclose(heights, np.nan_to_num(bins["accuracy"]))
+  assert sum(bar.get_height() for bar in counts.patches) == (
+      pytest.approx(1.0))
+  points = lines_by_label(axes)["before temperature scaling"]
+  used = before["count"] > 0
+  np.testing.assert_allclose(points.get_xdata(), before["confidence"][used])
+  path = plots.write_reliability_diagram(
+      bins, str(tmp_path / plots.RELIABILITY_FILE))
+  with Image.open(path) as image:
+    assert image.format == "PNG" and min(image.size) > 200

@@ -166,3 +166,4 @@ def test_base_config_states_the_default_recipe():
     value = getattr(defaults, name)
     assert type(value)(flags[name]) == value, name
   assert tuple(flags["augment"].split(",")) == defaults.augment
+  assert (flags["calibrate"] == "true") is defaults.calibrate

@@ -185,6 +185,10 @@ class Config:
   cache_features: bool = setting(
       True, "Stage head trains on backbone features computed once per view "
       "of each image instead of running the frozen backbone in every epoch.")
+  calibrate: bool = setting(
+      True, "Fit a temperature on the validation split after training and "
+      "fold it into the model when it is significantly better than none, so "
+      "served probabilities are calibrated.", resumable=True)
   probe_head: bool = setting(
       True, "With --cache_features, stage head is a linear probe: "
       "standardised features, L2 strength picked on the validation split, "

@@ -3,7 +3,8 @@
 Loads WORKDIR/model.keras, runs it over the test split (else the validation
 split) of `--dataset`, and writes WORKDIR/evaluation.json (accuracy, top-5
 accuracy when there are more than 5 classes, per-class precision, recall
-and F1, the confusion matrix) and WORKDIR/confusion_matrix.png.
+and F1, the confusion matrix, calibration figures) and
+WORKDIR/confusion_matrix.png and WORKDIR/reliability.png.
 
 The metrics are computed from the model's probabilities with numpy, in one
 pass over the split, so every number in the file comes from the same
@@ -22,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import (data, export, files, litert, plots, predict,
-                         report, train)
+from tf_finetune import (calibration, data, export, files, litert, plots,
+                         predict, report, train)
 from tf_finetune.config import Config, UserError
 
 EVALUATION_FILE = "evaluation.json"
@@ -122,8 +123,18 @@ def _write_evaluation(config: Config, split: str, labels: np.ndarray,
   """Writes evaluation.json and confusion_matrix.png; returns the former."""
   result = {"split": split, "num_examples": int(len(labels)),
             **compute_metrics(labels, probabilities, class_names), **extra}
+  temperature = _folded_temperature(config.workdir)
+  result["calibration"] = describe_calibration(labels, probabilities,
+                                               temperature)
   files.write_json_atomic(os.path.join(config.workdir, EVALUATION_FILE),
                           result)
+  plots.write_reliability_diagram(
+      calibration.reliability_bins(probabilities, labels),
+      os.path.join(config.workdir, plots.RELIABILITY_FILE),
+      before=None if temperature == 1.0 else calibration.reliability_bins(
+          calibration.uncalibrated(probabilities, temperature), labels),
+      title=f"{split} split: {len(labels)} images, ECE "
+      f"{result['calibration']['after']['ece']:.3f}")
   plots.write_confusion_matrix(
       np.array(result["confusion_matrix"]), class_names,
       os.path.join(config.workdir, plots.CONFUSION_MATRIX_FILE),
@@ -131,6 +142,24 @@ def _write_evaluation(config: Config, split: str, labels: np.ndarray,
       f"accuracy {result['accuracy']:.3f}")
   logging.info("Evaluation on %s: accuracy %.4f", split, result["accuracy"])
   return result
+
+
+def describe_calibration(labels: np.ndarray, probabilities: np.ndarray,
+                         temperature: float) -> Dict:
+  """evaluation.json's "calibration": the served probabilities' figures
+  (`calibration.summarize`) as "after", and with the training run's
+  temperature undone as "before" (the same figures when there is none).
+
+  Args:
+    labels: int [N].
+    probabilities: float [N, C], what the model serves.
+    temperature: the temperature folded into the model (report.json).
+  """
+  after = calibration.summarize(probabilities, labels)
+  before = after if temperature == 1.0 else calibration.summarize(
+      calibration.uncalibrated(probabilities, temperature), labels)
+  return {"temperature": temperature, "bins": calibration.NUM_BINS,
+          "before": before, "after": after}
 
 
 def predict_dataset(model: keras.Model, dataset: tf.data.Dataset
@@ -254,6 +283,15 @@ def _check_classes(model: keras.Model, class_names: Sequence[str],
     raise UserError(
         f"--dataset: it has {len(class_names)} classes but the model in "
         f"{workdir!r} has {num_outputs} outputs.")
+
+
+def _folded_temperature(workdir: str) -> float:
+  """The temperature the training run folded into the model; 1.0 for none
+  (not significant, --nocalibrate, no validation split, no report.json)."""
+  path = os.path.join(workdir, report.REPORT_FILE)
+  if not files.exists(path):
+    return 1.0
+  return files.read_json(path).get("calibration", {}).get("temperature", 1.0)
 
 
 def _trained_class_names(workdir: str):

@@ -1,4 +1,5 @@
-"""Plots of a run, as PNG files: training curves and the confusion matrix.
+"""Plots of a run, as PNG files: training curves, the confusion matrix and
+the reliability diagram.
 
 Drawn on matplotlib's Agg canvas directly (no pyplot): no display needed,
 no global backend switch, and nothing kept alive between figures. Each file
@@ -16,6 +17,7 @@ from tf_finetune import files
 
 CURVES_FILE = "curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+RELIABILITY_FILE = "reliability.png"
 # One panel per metric; the "val_" series of a metric shares its panel.
 CURVE_PANELS = ("loss", "accuracy", "learning_rate")
 # Above this many classes the per-cell counts would be unreadable.
@@ -113,6 +115,49 @@ def write_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
   """Draws `build_confusion_matrix_figure` into the PNG file `path`."""
   save_figure_atomic(
       build_confusion_matrix_figure(matrix, class_names, title), path)
+  return path
+
+
+def build_reliability_figure(bins: Dict[str, np.ndarray],
+                             before: Optional[Dict[str, np.ndarray]] = None,
+                             title: str = "") -> Figure:
+  """Accuracy against confidence per bin (calibration.reliability_bins).
+
+  Bars: the served probabilities' accuracy in each equal-width confidence
+  bin; a calibrated model's bars reach the diagonal. `before`, when given,
+  is drawn as points: the same bins before temperature scaling. Below, the
+  share of examples in each bin.
+  """
+  num_bins = len(bins["count"])
+  centres = (np.arange(num_bins) + 0.5) / num_bins
+  figure = Figure(figsize=(5.0, 6.0), layout="constrained")
+  axes, counts = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+  axes.bar(centres, np.nan_to_num(bins["accuracy"]), width=1 / num_bins,
+           edgecolor="black", label="accuracy (served)")
+  axes.plot([0, 1], [0, 1], color="gray", linestyle="--",
+            label="perfect calibration")
+  if before is not None:
+    used = before["count"] > 0
+    axes.plot(before["confidence"][used], before["accuracy"][used],
+              marker="o", linestyle="none", color="tab:red",
+              label="before temperature scaling")
+  axes.set_xlim(0, 1)
+  axes.set_ylim(0, 1)
+  axes.set_ylabel("accuracy")
+  axes.set_title(title)
+  axes.legend(loc="upper left", fontsize="small")
+  counts.bar(centres, bins["count"] / max(bins["count"].sum(), 1),
+             width=1 / num_bins, edgecolor="black")
+  counts.set_xlabel("confidence (highest probability)")
+  counts.set_ylabel("share")
+  return figure
+
+
+def write_reliability_diagram(bins: Dict[str, np.ndarray], path: str,
+                              before: Optional[Dict[str, np.ndarray]] = None,
+                              title: str = "") -> str:
+  """Draws `build_reliability_figure` into the PNG file `path`."""
+  save_figure_atomic(build_reliability_figure(bins, before, title), path)
   return path
 
 

@@ -13,7 +13,8 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
                  val_accuracy: float, test_accuracy: Optional[float],
                  export_path: str, config: Dict, seconds: float,
                  speed: Optional[Dict] = None,
-                 kept: Optional[Dict] = None) -> Dict:
+                 kept: Optional[Dict] = None,
+                 calibration: Optional[Dict] = None) -> Dict:
   """Assembles report.json's content.
 
   `images_per_second` maps each stage's name to its training throughput,
@@ -23,6 +24,9 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
   `kept` (selection.BestWeights): the stage and 0-based epoch whose weights
   were kept, saved and exported, with their objective; None when no epoch
   was validated (the last weights are kept).
+  `calibration` (train.calibrate): the temperature folded into the
+  classifier and the validation figures before and after, or why there is
+  none.
   """
   report = {
       "class_names": list(class_names),
@@ -36,6 +40,8 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
       "seconds": seconds,
       "config": config,
   }
+  if calibration is not None:
+    report["calibration"] = calibration
   if test_accuracy is not None:
     report["test_accuracy"] = test_accuracy
   if speed is not None:

@@ -14,9 +14,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import (checkpoints, data, distribute, export, features,
-                         files, fit_plan, plots, report, selection, speed,
-                         stages, training_logs)
+from tf_finetune import (calibration, checkpoints, data, distribute, export,
+                         features, files, fit_plan, plots, report, selection,
+                         speed, stages, training_logs)
 from tf_finetune import workdir as workdir_lib
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
@@ -79,6 +79,7 @@ def _train(config: Config, strategy,
   model, datasets = run.model, run.datasets
   stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
+  calibrated = calibrate(config, model, datasets)
   accuracies = evaluate_splits(model, datasets, config.batch_size)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   # A rerun after a kill between export and report finds its own version.
@@ -98,7 +99,8 @@ def _train(config: Config, strategy,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started,
       speed=run.switches.describe(),
-      kept=describe_kept(best))
+      kept=describe_kept(best),
+      calibration=calibrated)
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE),
@@ -182,6 +184,52 @@ def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
     stage_callback.restore_records(resume.records, resume.epoch, resume.step)
     checkpoints.restore_best(best, resume, folder)
   return stage_callback, best
+
+
+def calibrate(config: Config, model: keras.Model,
+              datasets: data.Datasets) -> Dict:
+  """Temperature scaling of the kept model on the validation split
+  (calibration.py), unless --nocalibrate or there is no such split.
+
+  Search trials never get here: they save no model, and their objective
+  (accuracy, or the loss of the uncalibrated model they trained) is what
+  the search compares.
+
+  Returns:
+    report.json's "calibration": the fitted record, or {"skipped": reason}.
+  """
+  if not config.calibrate:
+    reason = "--nocalibrate"
+  elif datasets.val is None:
+    reason = "no validation split"
+  else:
+    record = calibration.calibrate_model(model, datasets.val)
+    if record is not None:
+      before, after = record["before"], record["after"]
+      logging.info(
+          "Calibration on %d validation images: fitted temperature %.3f "
+          "(likelihood-ratio p = %.3g), %s; ECE %.4f -> %.4f, NLL %.4f -> "
+          "%.4f, mean confidence %.4f -> %.4f at accuracy %.4f.",
+          record["num_examples"], record["fitted_temperature"],
+          record["p_value"], describe_fold(record),
+          before["ece"], after["ece"], before["nll"], after["nll"],
+          before["mean_confidence"], after["mean_confidence"],
+          after["accuracy"])
+      return record
+    reason = "empty validation split"
+  logging.info("Calibration skipped: %s; probabilities are served as "
+               "trained.", reason)
+  return {"skipped": reason}
+
+
+def describe_fold(record: Dict) -> str:
+  """Whether the fitted temperature was folded in, and if not, why."""
+  if record["temperature"] != 1.0:
+    return "folded into the classifier"
+  if record["at_bound"]:
+    return ("at a bound of the search, no optimum (a validation split the "
+            "model classifies perfectly has none): not folded")
+  return "not significantly better than 1: not folded"
 
 
 def objective_direction(objective: str) -> str:
