@@ -44,6 +44,11 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+# Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), about
+# 9,500 x 9,500: far above any photo a classifier needs, and a sixth of the
+# 536 megapixels TensorFlow's PNG decoder allows (README, "Images too large
+# to decode").
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class UserError(Exception):
@@ -110,6 +115,7 @@ class Config:
   cache_memory_mb: int = 1024
   lr_schedule: str = "cosine"
   warmup_fraction: float = 0.1
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 0: no limit.
 
   @property
   def total_epochs(self) -> int:
@@ -164,6 +170,9 @@ class Config:
            f"--strategy={self.strategy!r}: expected one of {STRATEGIES}.")
     _check(self.virtual_cpu_devices >= 0, "--virtual_cpu_devices: must be >= 0.")
     _check(self.top_k >= 1, f"--top_k={self.top_k}: must be >= 1.")
+    _check(self.max_image_pixels >= 0,
+           f"--max_image_pixels={self.max_image_pixels}: must be >= 0 (0: "
+           "no limit).")
     self._check_inputs()
     self._validate_fault_tolerance()
     self._validate_search()

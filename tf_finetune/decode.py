@@ -27,46 +27,79 @@ Two places where `tf.io.decode_image` alone is not enough:
     scale that keeps both sides at least the target size; the antialiased
     resize then does the rest.
 
+An image's width and height are read from its header first, in the graph,
+and an image above `max_pixels` (`--max_image_pixels`) is refused before
+any pixel is decoded: a PNG of one colour compresses 23,000 x 23,000 pixels
+into half a megabyte, and decoding it takes seconds and 1.6 GB
+(`image_dimensions`, `check_pixel_limit`; README, "Images too large to
+decode"). The header says how large the decoded image will be because the
+decoders allocate what it says: TensorFlow's JPEG, PNG, BMP and WebP
+decoders take the image size, its GIF decoder the logical screen size.
+
 Truncated files are not "repaired": TensorFlow's JPEG and PNG decoders
 reject them, and a JPEG recovered with `try_recover_truncated` has grey
 rows where data was missing, which would train the model on damage.
 """
 
+import re
+from typing import Tuple
+
 import tensorflow as tf
 
-# Magic numbers, for picking a decoder and for saying why a file failed.
-_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x00\x0cjXL ", "JPEG XL"),
-    (b"\xff\x0a", "JPEG XL"),
+from tf_finetune import config
+
+# Signatures, for picking a decoder (in the graph) and for saying why a file
+# failed (sniff_format, in Python): a file is of a format when every
+# (offset, bytes) of one of its signatures matches.
+_SIGNATURES = (
+    ("JPEG", ((0, b"\xff\xd8\xff"),)),
+    ("PNG", ((0, b"\x89PNG\r\n\x1a\n"),)),
+    ("GIF", ((0, b"GIF87a"),)),
+    ("GIF", ((0, b"GIF89a"),)),
+    ("BMP", ((0, b"BM"),)),
+    ("WebP", ((0, b"RIFF"), (8, b"WEBP"))),
+    ("TIFF", ((0, b"II*\x00"),)),
+    ("TIFF", ((0, b"MM\x00*"),)),
+    ("JPEG XL", ((0, b"\x00\x00\x00\x0cjXL "),)),
+    ("JPEG XL", ((0, b"\xff\x0a"),)),
+    *(("HEIF/AVIF", ((4, b"ftyp" + brand),))
+      for brand in (b"heic", b"heix", b"mif1", b"avif")),
 )
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+# --max_image_pixels' default, Pillow's.
+DEFAULT_MAX_PIXELS = config.DEFAULT_MAX_IMAGE_PIXELS
+# Starts the message of a refused image (and file_check's reason).
+TOO_LARGE = "image too large to decode"
+# The smallest JPEG header libjpeg reads a size from (1 x 1: start of
+# image, frame header, scan header, end of image).
+_TINY_JPEG = bytes.fromhex("ffd8" "ffc0000b080001000101011100"
+                           "ffda000801010000003f00" "ffd9")
+# Header bytes read for the dimensions: WebP's VP8X canvas ends at byte 30.
+_HEADER_BYTES = 32
 # libjpeg's DCT scaling factors, largest first.
 _JPEG_RATIOS = (8, 4, 2, 1)
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
   """Decodes one encoded image to uint8 [S, S, 3] (see the module docstring).
 
   Args:
     image_bytes: scalar tf.string, the content of an image file.
     image_size: S, the side of the square output.
+    max_pixels: refuse an image whose header says more pixels than this,
+      before decoding it; 0: no limit.
 
   Raises:
-    tf.errors.InvalidArgumentError (when run): empty, truncated, corrupt or
-      not in a supported format.
+    tf.errors.InvalidArgumentError (when run): empty, truncated, corrupt,
+      not in a supported format, or above `max_pixels`.
   """
-  return resize_image(decode_image(image_bytes, min_size=image_size),
-                      image_size)
+  return resize_image(decode_image(image_bytes, min_size=image_size,
+                                   max_pixels=max_pixels), image_size)
 
 
-def decode_image(image_bytes: tf.Tensor, min_size: int = 0) -> tf.Tensor:
+def decode_image(image_bytes: tf.Tensor, min_size: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
   """Decodes one encoded image to uint8 [H, W, 3], choosing by content.
 
   Args:
@@ -74,16 +107,195 @@ def decode_image(image_bytes: tf.Tensor, min_size: int = 0) -> tf.Tensor:
     min_size: the image will be resized to this side; a large JPEG may then
       be decoded at 1/2, 1/4 or 1/8 scale, never below `min_size`. 0 keeps
       the full size.
+    max_pixels: as in `decode_and_resize`.
   """
-  image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
-  is_jpeg = tf.strings.substr(image_bytes, 0, 3) == b"\xff\xd8\xff"
-  is_bmp = tf.strings.substr(image_bytes, 0, 2) == b"BM"
+  image_bytes = check_pixel_limit(image_bytes, max_pixels)
+  head = _head(image_bytes)
   image = tf.cond(
-      is_jpeg, lambda: _decode_jpeg(image_bytes, min_size),
-      lambda: tf.cond(is_bmp, lambda: _decode_bmp(image_bytes),
+      _is_format(head, "JPEG"),
+      lambda: _decode_jpeg(image_bytes, min_size),
+      lambda: tf.cond(_is_format(head, "BMP"),
+                      lambda: _decode_bmp(image_bytes),
                       lambda: _decode_other(image_bytes)))
   image.set_shape([None, None, 3])
   return image
+
+
+def check_pixel_limit(image_bytes: tf.Tensor, max_pixels: int) -> tf.Tensor:
+  """`image_bytes`, made to wait for a check of the header's pixel count.
+
+  Every decoder reads the returned tensor, so none can start before the
+  check has passed; an image above `max_pixels` raises InvalidArgumentError
+  naming its size and the limit. 0: no limit (the bytes are returned as
+  they are).
+  """
+  image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+  if max_pixels <= 0:
+    return image_bytes
+  height, width = image_dimensions(image_bytes)
+  pixels = height * width
+  megapixels = tf.strings.as_string(tf.cast(pixels, tf.float64) / 1e6,
+                                    precision=1)
+  message = tf.strings.join([
+      f"{TOO_LARGE}: ", tf.strings.as_string(width), " x ",
+      tf.strings.as_string(height), " pixels (", megapixels,
+      f" megapixels) is above the limit of {max_pixels} pixels "
+      f"({max_pixels / 1e6:.1f} megapixels) set by --max_image_pixels"])
+  check = tf.debugging.Assert(pixels <= max_pixels, [message])
+  with tf.control_dependencies([check]):
+    return tf.identity(image_bytes)
+
+
+def too_large_reason(error: tf.errors.OpError) -> str:
+  """The one-line message of `check_pixel_limit` in `error`, or "" when the
+  error is another one.
+
+  tf.debugging.Assert wraps it: "assertion failed: [MESSAGE]" in a graph,
+  "... Summarized data: b'MESSAGE'" eagerly.
+  """
+  match = re.search(TOO_LARGE + r"[^\]'\n]*", error.message or "")
+  return match.group(0) if match else ""
+
+
+# One traced function: called eagerly (file_check.describe_failure, tests)
+# it runs as one graph instead of a hundred small ops one by one.
+@tf.function(autograph=False,
+             input_signature=[tf.TensorSpec([], tf.string)])
+def image_dimensions(image_bytes: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(height, width), int64, as the header says, without decoding pixels.
+
+  JPEG by `tf.image.extract_jpeg_shape` (libjpeg reads the markers up to the
+  frame header), PNG from IHDR, GIF its logical screen, BMP its info header,
+  WebP its VP8, VP8L or VP8X chunk. (0, 0) for other content and for
+  headers too short to hold the size: the decoder then fails on them with
+  its own message.
+  """
+  head = _head(image_bytes)
+  header = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+  def number(offset, size, big_endian=False, signed=False):
+    weights = [256**i for i in range(size)]
+    if big_endian:
+      weights.reverse()
+    value = tf.reduce_sum(header[offset:offset + size] * weights)
+    if signed:  # Two's complement: the top bit counts negative.
+      value -= tf.cast(value >= 2**(8 * size - 1), tf.int64) * 256**size
+    return value
+
+  vp8l = number(21, 4)
+  # (matches, (height, width)) per format. BMP: signed int32s, as
+  # TensorFlow's decoder reads them (a negative height: rows stored
+  # top-down). WebP: VP8 keeps 14 bits per side after its start code, VP8L
+  # 14 bits per side minus one after its signature byte, VP8X a 24-bit
+  # canvas side minus one.
+  sizes = [
+      (_is_format(head, "PNG"), (number(20, 4, True), number(16, 4, True))),
+      (_is_format(head, "GIF"), _gif_dimensions(
+          tf.where(_is_format(head, "GIF"), image_bytes, b""),
+          number(8, 2), number(6, 2))),
+      (_is_format(head, "BMP"), (tf.abs(number(22, 4, signed=True)),
+                                 tf.abs(number(18, 4, signed=True)))),
+      (_is_webp(head, b"VP8 "), (number(28, 2) % 2**14,
+                                 number(26, 2) % 2**14)),
+      (_is_webp(head, b"VP8L"), (vp8l // 2**14 % 2**14 + 1,
+                                 vp8l % 2**14 + 1)),
+      (_is_webp(head, b"VP8X"), (number(27, 3) + 1, number(24, 3) + 1)),
+  ]
+  # Selections rather than tf.cond: every branch is a function tf.data
+  # instantiates again for each pipeline, which doubled the time to build
+  # one. So the JPEG reader reads a stand-in when the content is no JPEG.
+  is_jpeg = _is_format(head, "JPEG")
+  jpeg = tf.cast(tf.image.extract_jpeg_shape(
+      tf.where(is_jpeg, image_bytes, _TINY_JPEG))[:2], tf.int64)
+  sizes.append((is_jpeg, (jpeg[0], jpeg[1])))
+  height = width = tf.constant(0, tf.int64)
+  for matches, (h, w) in sizes:
+    height, width = tf.where(matches, h, height), tf.where(matches, w, width)
+  return height, width
+
+
+def _gif_dimensions(image_bytes: tf.Tensor, height: tf.Tensor,
+                    width: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(height, width) of a GIF: its logical screen (`height`, `width`), or
+  its largest frame's sides if larger.
+
+  TensorFlow's GIF decoder sizes its output by the largest frame's width
+  and height, not by the logical screen, and giflib decodes every frame;
+  so a GIF with a 10 x 10 screen and a 1,500 x 1,500 frame decodes to
+  1,500 x 1,500. The frames are found by walking the blocks: an image
+  descriptor (0x2C: position, width, height, flags, optional local colour
+  table, LZW code size) or an extension (0x21, label), each followed by
+  data sub-blocks (a length byte, then that many bytes) up to an empty
+  one; anything else (the trailer 0x3B) ends the walk, as does the end of
+  the bytes (a truncated file then fails in its decoder). Empty bytes:
+  the screen as given.
+  """
+  length = tf.strings.length(image_bytes)
+
+  def read(position):
+    # The block's first 10 bytes as integers, zeros past the end.
+    piece = tf.strings.substr(image_bytes, tf.minimum(position, length), 10)
+    padded = tf.strings.substr(tf.strings.join([piece, b"\0" * 10]), 0, 10)
+    return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int32)
+
+  def colour_table(flags):
+    # 3 bytes per entry, 2^(N+1) entries, when the table flag is set.
+    return tf.where(flags >= 128, 3 * tf.bitwise.left_shift(2, flags % 8), 0)
+
+  def step(position, in_data, height, width):
+    block = read(position)
+    is_image = tf.logical_and(tf.logical_not(in_data), tf.equal(block[0],
+                                                                0x2C))
+    frame_width = tf.cast(block[5] + 256 * block[6], tf.int64)
+    frame_height = tf.cast(block[7] + 256 * block[8], tf.int64)
+    height = tf.where(is_image, tf.maximum(height, frame_height), height)
+    width = tf.where(is_image, tf.maximum(width, frame_width), width)
+    after_block = tf.where(is_image,
+                           position + 11 + colour_table(block[9]),
+                           position + 2)  # An extension: introducer, label.
+    next_position = tf.where(in_data, position + 1 + block[0], after_block)
+    # Inside data, a zero length ends the sub-blocks.
+    next_in_data = tf.logical_or(tf.logical_not(in_data), block[0] > 0)
+    return next_position, next_in_data, height, width
+
+  def more(position, in_data, unused_height, unused_width):
+    first = read(position)[0]
+    return tf.logical_and(position < length, tf.logical_or(
+        in_data, tf.logical_or(tf.equal(first, 0x2C), tf.equal(first, 0x21))))
+
+  # After the header, the screen descriptor and its colour table.
+  start = 13 + colour_table(read(10)[0])
+  _, _, height, width = tf.while_loop(
+      more, step, (start, tf.constant(False), height, width))
+  return height, width
+
+
+def _head(image_bytes: tf.Tensor) -> tf.Tensor:
+  """The first _HEADER_BYTES bytes, zero-padded to that length.
+
+  Padded, so that every signature and size field can be read from a short
+  file too: it reads as no format or size 0, and its decoder then fails on
+  it with its own message.
+  """
+  image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+  return tf.strings.substr(
+      tf.strings.join([tf.strings.substr(image_bytes, 0, _HEADER_BYTES),
+                       b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
+
+
+def _is_format(head: tf.Tensor, name: str) -> tf.Tensor:
+  """Whether `head` (from `_head`) has a signature of format `name`."""
+  return tf.reduce_any(tf.stack([
+      tf.reduce_all(tf.stack([
+          tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
+          for offset, magic in parts]))
+      for format_name, parts in _SIGNATURES if format_name == name]))
+
+
+def _is_webp(head: tf.Tensor, chunk: bytes) -> tf.Tensor:
+  """Whether `head` is a WebP whose first chunk is `chunk` (VP8/VP8L/VP8X)."""
+  return _is_format(head, "WebP") & tf.equal(tf.strings.substr(head, 12, 4),
+                                             chunk)
 
 
 def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -191,11 +403,8 @@ def sniff_format(head: bytes) -> str:
 
   For error messages only (plain Python); decoding sniffs in the graph.
   """
-  if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-    return "WebP"
-  if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-    return "HEIF/AVIF"
-  for magic, name in _MAGIC:
-    if head.startswith(magic):
+  for name, parts in _SIGNATURES:
+    if all(head[offset:offset + len(magic)] == magic
+           for offset, magic in parts):
       return name
   return ""

@@ -86,6 +86,10 @@ flags.DEFINE_integer("seed", _D.seed, "Seed for splits, shuffling, "
 flags.DEFINE_string("export_dir", _D.export_dir,
                     "SavedModel versions go here; default WORKDIR/export.")
 flags.DEFINE_integer("top_k", _D.top_k, "Classes returned by the export.")
+flags.DEFINE_integer("max_image_pixels", _D.max_image_pixels,
+                     "Images whose header says more pixels are refused "
+                     "before decoding, in training and by the export "
+                     "(default: Pillow's limit; 0: no limit).")
 flags.DEFINE_string("inputs", _D.inputs,
                     "--mode=predict: an image file or a folder of images.")
 flags.DEFINE_integer("save_every_steps", _D.save_every_steps,

@@ -86,7 +86,8 @@ def _train(config: Config, strategy,
   export_path = export.export_saved_model(
       model, datasets.class_names, config.image_size,
       config.resolved_export_dir, config.top_k,
-      run_id=checkpoints.read_run_id(config.workdir))
+      run_id=checkpoints.read_run_id(config.workdir),
+      max_image_pixels=config.max_image_pixels)
   result = report.build_report(
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
@@ -408,7 +409,8 @@ def run_export(config: Config) -> str:
   image_size = model.input_shape[1]  # The trained size, whatever the flag says.
   path = export.export_saved_model(model, read_class_names(config.workdir),
                                    image_size, config.resolved_export_dir,
-                                   config.top_k)
+                                   config.top_k,
+                                   max_image_pixels=config.max_image_pixels)
   logging.info("Export: %s", path)
   return path
 
