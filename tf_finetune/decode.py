@@ -51,13 +51,14 @@ from tf_finetune import config
 # Signatures, for picking a decoder (in the graph) and for saying why a file
 # failed (sniff_format, in Python): a file is of a format when every
 # (offset, bytes) of one of its signatures matches.
+_WEBP = ((0, b"RIFF"), (8, b"WEBP"))
 _SIGNATURES = (
     ("JPEG", ((0, b"\xff\xd8\xff"),)),
     ("PNG", ((0, b"\x89PNG\r\n\x1a\n"),)),
     ("GIF", ((0, b"GIF87a"),)),
     ("GIF", ((0, b"GIF89a"),)),
     ("BMP", ((0, b"BM"),)),
-    ("WebP", ((0, b"RIFF"), (8, b"WEBP"))),
+    ("WebP", _WEBP),
     ("TIFF", ((0, b"II*\x00"),)),
     ("TIFF", ((0, b"MM\x00*"),)),
     ("JPEG XL", ((0, b"\x00\x00\x00\x0cjXL "),)),
@@ -76,6 +77,28 @@ _TINY_JPEG = bytes.fromhex("ffd8" "ffc0000b080001000101011100"
                            "ffda000801010000003f00" "ffd9")
 # Header bytes read for the dimensions: WebP's VP8X canvas ends at byte 30.
 _HEADER_BYTES = 32
+# The size fields of those bytes: name -> (offset, length, big-endian).
+_SIZE_FIELDS = {
+    "png_width": (16, 4, True), "png_height": (20, 4, True),
+    "gif_width": (6, 2, False), "gif_height": (8, 2, False),
+    "bmp_width": (18, 4, False), "bmp_height": (22, 4, False),
+    "vp8_width": (26, 2, False), "vp8_height": (28, 2, False),
+    "vp8l_bits": (21, 4, False),  # After the VP8L signature byte 0x2f.
+    "vp8x_width": (24, 3, False), "vp8x_height": (27, 3, False),
+}
+# [_HEADER_BYTES, fields]: each field's value is the sum of its bytes times
+# this column.
+_SIZE_WEIGHTS = [
+    [256**(length - 1 - (row - offset) if big_endian else row - offset)
+     if offset <= row < offset + length else 0
+     for offset, length, big_endian in _SIZE_FIELDS.values()]
+    for row in range(_HEADER_BYTES)]
+# The formats whose size is read, WebP by its first chunk.
+_SIZE_SIGNATURES = tuple(
+    (name, parts) for name, parts in _SIGNATURES
+    if name in ("JPEG", "PNG", "GIF", "BMP")) + tuple(
+        (f"WebP {chunk.decode()}", _WEBP + ((12, chunk),))
+        for chunk in (b"VP8 ", b"VP8L", b"VP8X"))
 # libjpeg's DCT scaling factors, largest first.
 _JPEG_RATIOS = (8, 4, 2, 1)
 
@@ -170,48 +193,62 @@ def image_dimensions(image_bytes: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   headers too short to hold the size: the decoder then fails on them with
   its own message.
   """
-  head = _head(image_bytes)
-  header = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+  header = tf.cast(tf.io.decode_raw(_head(image_bytes), tf.uint8), tf.int64)
+  # Few ops, because tf.data builds a pipeline's functions anew each time:
+  # every size field in one multiply-and-sum, every signature in one
+  # comparison, and selections instead of tf.cond branches (so the JPEG
+  # reader reads a stand-in when the content is no JPEG).
+  field = dict(zip(_SIZE_FIELDS, tf.unstack(
+      tf.reduce_sum(header[:, None] * _SIZE_WEIGHTS, axis=0))))
+  matches = _signature_matches(header, _SIZE_SIGNATURES)
 
-  def number(offset, size, big_endian=False, signed=False):
-    weights = [256**i for i in range(size)]
-    if big_endian:
-      weights.reverse()
-    value = tf.reduce_sum(header[offset:offset + size] * weights)
-    if signed:  # Two's complement: the top bit counts negative.
-      value -= tf.cast(value >= 2**(8 * size - 1), tf.int64) * 256**size
-    return value
+  def signed(value):  # A 32-bit two's complement number.
+    return value - tf.cast(value >= 2**31, tf.int64) * 2**32
 
-  vp8l = number(21, 4)
-  # (matches, (height, width)) per format. BMP: signed int32s, as
-  # TensorFlow's decoder reads them (a negative height: rows stored
-  # top-down). WebP: VP8 keeps 14 bits per side after its start code, VP8L
-  # 14 bits per side minus one after its signature byte, VP8X a 24-bit
-  # canvas side minus one.
-  sizes = [
-      (_is_format(head, "PNG"), (number(20, 4, True), number(16, 4, True))),
-      (_is_format(head, "GIF"), _gif_dimensions(
-          tf.where(_is_format(head, "GIF"), image_bytes, b""),
-          number(8, 2), number(6, 2))),
-      (_is_format(head, "BMP"), (tf.abs(number(22, 4, signed=True)),
-                                 tf.abs(number(18, 4, signed=True)))),
-      (_is_webp(head, b"VP8 "), (number(28, 2) % 2**14,
-                                 number(26, 2) % 2**14)),
-      (_is_webp(head, b"VP8L"), (vp8l // 2**14 % 2**14 + 1,
-                                 vp8l % 2**14 + 1)),
-      (_is_webp(head, b"VP8X"), (number(27, 3) + 1, number(24, 3) + 1)),
-  ]
-  # Selections rather than tf.cond: every branch is a function tf.data
-  # instantiates again for each pipeline, which doubled the time to build
-  # one. So the JPEG reader reads a stand-in when the content is no JPEG.
-  is_jpeg = _is_format(head, "JPEG")
+  # (height, width) per format. BMP: signed, as TensorFlow's decoder reads
+  # them (a negative height: rows stored top-down). WebP: VP8 keeps 14 bits
+  # per side, VP8L 14 bits per side minus one after its signature byte,
+  # VP8X a 24-bit canvas side minus one.
+  vp8l = field["vp8l_bits"]
   jpeg = tf.cast(tf.image.extract_jpeg_shape(
-      tf.where(is_jpeg, image_bytes, _TINY_JPEG))[:2], tf.int64)
-  sizes.append((is_jpeg, (jpeg[0], jpeg[1])))
+      tf.where(matches["JPEG"], image_bytes, _TINY_JPEG))[:2], tf.int64)
+  sizes = {
+      "JPEG": (jpeg[0], jpeg[1]),
+      "PNG": (field["png_height"], field["png_width"]),
+      "GIF": _gif_dimensions(
+          tf.where(matches["GIF"], image_bytes, b""), field["gif_height"],
+          field["gif_width"]),
+      "BMP": (tf.abs(signed(field["bmp_height"])),
+              tf.abs(signed(field["bmp_width"]))),
+      "WebP VP8 ": (field["vp8_height"] % 2**14, field["vp8_width"] % 2**14),
+      "WebP VP8L": (vp8l // 2**14 % 2**14 + 1, vp8l % 2**14 + 1),
+      "WebP VP8X": (field["vp8x_height"] + 1, field["vp8x_width"] + 1),
+  }
   height = width = tf.constant(0, tf.int64)
-  for matches, (h, w) in sizes:
-    height, width = tf.where(matches, h, height), tf.where(matches, w, width)
+  for name, (h, w) in sizes.items():
+    height = tf.where(matches[name], h, height)
+    width = tf.where(matches[name], w, width)
   return height, width
+
+
+def _signature_matches(header: tf.Tensor, signatures) -> dict:
+  """{name: whether one of its signatures matches}, for `signatures` as
+  _SIGNATURES, `header` the int64 bytes of `_head`."""
+  masks, expected = [], []
+  for _, parts in signatures:
+    mask, value = [0] * _HEADER_BYTES, [0] * _HEADER_BYTES
+    for offset, magic in parts:
+      for i, byte in enumerate(magic):
+        mask[offset + i], value[offset + i] = 1, byte
+    masks.append(mask)
+    expected.append(value)
+  each = tf.unstack(tf.reduce_all(tf.equal(
+      header * tf.constant(masks, tf.int64),
+      tf.constant(expected, tf.int64)), axis=1))
+  matches = {}
+  for (name, _), match in zip(signatures, each):
+    matches[name] = matches[name] | match if name in matches else match
+  return matches
 
 
 def _gif_dimensions(image_bytes: tf.Tensor, height: tf.Tensor,
@@ -290,12 +327,6 @@ def _is_format(head: tf.Tensor, name: str) -> tf.Tensor:
           tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
           for offset, magic in parts]))
       for format_name, parts in _SIGNATURES if format_name == name]))
-
-
-def _is_webp(head: tf.Tensor, chunk: bytes) -> tf.Tensor:
-  """Whether `head` is a WebP whose first chunk is `chunk` (VP8/VP8L/VP8X)."""
-  return _is_format(head, "WebP") & tf.equal(tf.strings.substr(head, 12, 4),
-                                             chunk)
 
 
 def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
