@@ -30,11 +30,11 @@ Two places where `tf.io.decode_image` alone is not enough:
 An image's width and height are read from its header first, in the graph,
 and an image above `max_pixels` (`--max_image_pixels`) is refused before
 any pixel is decoded: a PNG of one colour compresses 23,000 x 23,000 pixels
-into half a megabyte, and decoding it takes seconds and 1.6 GB
+into half a megabyte, and decoding it takes seconds and gigabytes
 (`image_dimensions`, `check_pixel_limit`; README, "Images too large to
 decode"). The header says how large the decoded image will be because the
 decoders allocate what it says: TensorFlow's JPEG, PNG, BMP and WebP
-decoders take the image size, its GIF decoder the logical screen size.
+decoders the image size, its GIF decoder the largest frame's sides.
 
 Truncated files are not "repaired": TensorFlow's JPEG and PNG decoders
 reject them, and a JPEG recovered with `try_recover_truncated` has grey
@@ -181,15 +181,16 @@ def too_large_reason(error: tf.errors.OpError) -> str:
 
 
 # One traced function: called eagerly (file_check.describe_failure, tests)
-# it runs as one graph instead of a hundred small ops one by one.
+# it runs as one graph instead of many small ops one by one.
 @tf.function(autograph=False,
              input_signature=[tf.TensorSpec([], tf.string)])
 def image_dimensions(image_bytes: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   """(height, width), int64, as the header says, without decoding pixels.
 
   JPEG by `tf.image.extract_jpeg_shape` (libjpeg reads the markers up to the
-  frame header), PNG from IHDR, GIF its logical screen, BMP its info header,
-  WebP its VP8, VP8L or VP8X chunk. (0, 0) for other content and for
+  frame header), PNG from IHDR, GIF its logical screen or its largest frame
+  (`_gif_dimensions`), BMP its info header, WebP its VP8, VP8L or VP8X
+  chunk. (0, 0) for other content and for
   headers too short to hold the size: the decoder then fails on them with
   its own message.
   """
