@@ -101,9 +101,15 @@ def test_served_model_equals_the_keras_model(smoke_run):
 
 def test_export_mode_adds_a_version(smoke_run, smoke_flags):
   workdir, _ = smoke_run
-  exported = run_cli(*smoke_flags, "--mode=export")
+  exported = run_cli(*smoke_flags, "--mode=export",
+                     "--max_image_pixels=1000000")
   assert exported.returncode == 0, exported.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, "export"))) == ["1", "2"]
+  # The flag reaches the new version; the run's own export has the default.
+  from tf_finetune import export  # pylint: disable=g-import-not-at-top
+  limits = [export.read_metadata(os.path.join(workdir, "export", version))
+            ["max_image_pixels"] for version in ("1", "2")]
+  assert limits == [89478485, 1000000]
 
 
 def _write_images(folder, count, size=40):
