@@ -169,3 +169,24 @@ def test_the_pixel_limit_setting():
   assert Config(workdir="w").max_image_pixels == Image.MAX_IMAGE_PIXELS
   with pytest.raises(UserError, match="--max_image_pixels=-1: must be >= 0"):
     Config(workdir="w", max_image_pixels=-1).validate()
+
+
+def test_a_gif_too_fragmented_to_measure_cheaply_is_refused():
+  # Finding the frames walks the blocks; encoders write 255-byte data
+  # sub-blocks, skipped 64 at a time. One-byte sub-blocks would make the
+  # walk cost more than any decode, so past 20,000 steps the GIF is refused.
+  still = HEADERS["still.gif"]
+  start = 13 + 3 * 2 ** ((still[10] & 7) + 1)  # After the colour table.
+
+  def with_comment(sub_blocks):
+    return (still[:start] + b"!\xfe" + b"\x01X" * sub_blocks + b"\0"
+            + still[start:])
+
+  assert [int(n) for n in decode.image_dimensions(with_comment(1000))] == [
+      30, 41]
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="GIF: more than 20000 blocks"):
+    decode.decode_image(with_comment(25000))
+  # The file itself decodes: only the check refuses it.
+  assert decode.decode_image(with_comment(25000), max_pixels=0).shape == (
+      30, 41, 3)
