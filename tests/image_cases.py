@@ -3,6 +3,7 @@ each should decode to (shared by test_decode.py and test_data.py)."""
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -130,4 +131,68 @@ def undecodable_cases():
       "scan.tiff": (encode(photo(), "TIFF"), "unsupported image format TIFF"),
       "rle8.bmp": (bytes(rle), "not RLE-compressed"),
       "animated.webp": (webp.getvalue(), "undecodable WebP"),
+      # Refused before decoding, so its pixel data need not be there.
+      "huge.png": (with_size(png, 23000, 23000),
+                   "image too large to decode: 23000 x 23000 pixels (529.0 "
+                   "megapixels) is above the limit of 89478485 pixels"),
   }
+
+
+def header_cases():
+  """{name: bytes} of small real images, one per way a size is stored:
+  JPEG (SOF), PNG (IHDR), GIF (screen and frame), BMP, WebP VP8, VP8L and
+  VP8X."""
+  rgb = photo()
+  return {
+      "baseline.jpg": encode(rgb, "JPEG"),
+      "progressive.jpg": encode(rgb, "JPEG", progressive=True),
+      "rgb.png": encode(rgb, "PNG"),
+      "still.gif": encode(Image.fromarray(rgb).convert("P"), "GIF"),
+      "rgb24.bmp": encode(rgb, "BMP"),
+      "palette4.bmp": indexed_bmp(np.zeros((9, 13), int), [(1, 2, 3)] * 16,
+                                  4, top_down=True),
+      "lossy.webp": encode(rgb, "WEBP", quality=90),
+      "lossless.webp": encode(rgb, "WEBP", lossless=True),
+      # Exif makes an extended (VP8X) WebP.
+      "extended.webp": encode(rgb, "WEBP", quality=90,
+                              exif=b"Exif\0\0II*\0"),
+  }
+
+
+def with_size(content, width, height):
+  """`content` (from header_cases) with its header saying width x height;
+  the pixel data is left as it is, so decoding it would fail."""
+  data = bytearray(content)
+  if data.startswith(b"\xff\xd8"):
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+  elif data.startswith(b"\x89PNG"):
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  elif data.startswith(b"GIF"):
+    data[6:10] = struct.pack("<HH", width, height)
+    frame = data.find(b",\0\0\0\0")  # The frame at (0, 0).
+    data[frame + 5:frame + 9] = struct.pack("<HH", width, height)
+  elif data.startswith(b"BM"):
+    data[18:26] = struct.pack("<ii", width, height)
+  elif data[12:16] == b"VP8 ":
+    data[26:30] = struct.pack("<HH", width, height)
+  elif data[12:16] == b"VP8L":
+    bits = struct.unpack("<I", data[21:25])[0] & ~(2**28 - 1)
+    data[21:25] = struct.pack("<I", bits | (width - 1) | (height - 1) << 14)
+  elif data[12:16] == b"VP8X":
+    data[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(
+        3, "little")
+  else:
+    raise ValueError("not a case of header_cases")
+  return bytes(data)
+
+
+def gif_with_large_frame(screen, frame):
+  """A GIF whose logical screen is screen x screen pixels and whose one
+  frame is frame x frame, all of colour 1, really LZW-coded."""
+  image = Image.new("P", (frame, frame), 1)
+  image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+  data = bytearray(encode(image, "GIF"))
+  data[6:10] = struct.pack("<HH", screen, screen)
+  return bytes(data)

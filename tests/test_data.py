@@ -248,6 +248,28 @@ def test_check_results_are_reused_until_a_file_changes(tmp_path):
   assert set(folder_source.find_undecodable(paths)) == {paths[0]}
 
 
+def test_a_changed_pixel_limit_checks_the_files_again(tmp_path):
+  paths = make_folder(tmp_path / "images", {"a": 2})
+  height, width = tf.io.decode_png(tf.io.read_file(paths[0])).shape[:2]
+  cache = str(tmp_path / "cache" / "checks.json")
+  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  # A limit one pixel below the images' size: every file is refused.
+  small = int(height * width) - 1
+  refused = folder_source.find_undecodable(paths, cache_file=cache,
+                                           max_pixels=small)
+  assert set(refused) == set(paths)
+  assert refused[paths[0]] == (
+      f"image too large to decode: {width} x {height} pixels "
+      f"({height * width / 1e6:.1f} megapixels) is above the limit of "
+      f"{small} pixels ({small / 1e6:.1f} megapixels) set by "
+      "--max_image_pixels")
+  # No limit (0) or the first limit again: nothing stale is reused.
+  assert folder_source.find_undecodable(paths, cache_file=cache,
+                                        max_pixels=0) == {}
+  assert set(folder_source.find_undecodable(
+      paths, cache_file=cache, max_pixels=small)) == set(paths)
+
+
 def test_progress_bar_on_large_folders_or_on_request(tmp_path, capsys):
   paths = make_folder(tmp_path, {"a": 3})
   bad = os.path.join(tmp_path, "a", "bad.png")

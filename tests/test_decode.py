@@ -10,6 +10,7 @@ import tensorflow as tf
 import image_cases
 from tf_finetune import decode
 from tf_finetune import export
+from tf_finetune.config import Config, UserError
 
 SIZE = 32
 GOOD = image_cases.decodable_cases()
@@ -101,3 +102,91 @@ def test_serving_graph_decodes_every_kind_like_training(tmp_path):
   pixels = np.stack([decode.decode_and_resize(c, SIZE).numpy()
                      for c in contents])
   np.testing.assert_allclose(served, model(pixels).numpy(), atol=1e-5)
+
+
+HEADERS = image_cases.header_cases()
+# Just above the default limit: 90.25 megapixels.
+HUGE = 9500
+
+
+@pytest.mark.parametrize("name", sorted({*GOOD, *HEADERS}))
+def test_header_dimensions_are_the_decoded_dimensions(name):
+  content = HEADERS[name] if name in HEADERS else GOOD[name][0]
+  height, width = decode.image_dimensions(tf.constant(content))
+  assert (int(height), int(width), 3) == decode.decode_image(content).shape
+
+
+def decode_with_limit(content, max_pixels, in_tf_data=False):
+  """Decodes `content` eagerly (and in tf.data): the pixel limit's message
+  (the same in both), "decoded", or "decoder failed"."""
+  outcomes = []
+  runs = [lambda f: f(tf.constant(content)).numpy()]
+  if in_tf_data:
+    runs.append(lambda f: decode_in_tf_data(f, content))
+  for run in runs:
+    try:
+      run(lambda b: decode.decode_and_resize(b, SIZE, max_pixels))
+      outcomes.append("decoded")
+    except tf.errors.InvalidArgumentError as error:
+      outcomes.append(decode.too_large_reason(error) or "decoder failed")
+  assert len(set(outcomes)) == 1, outcomes
+  return outcomes[0]
+
+
+@pytest.mark.parametrize("name", sorted(HEADERS))
+def test_an_image_above_the_limit_is_refused_before_decoding(name):
+  huge = image_cases.with_size(HEADERS[name], HUGE + 1, HUGE)
+  assert [int(n) for n in decode.image_dimensions(huge)] == [HUGE, HUGE + 1]
+  assert decode_with_limit(huge, decode.DEFAULT_MAX_PIXELS) == (
+      "image too large to decode: 9501 x 9500 pixels (90.3 megapixels) is "
+      "above the limit of 89478485 pixels (89.5 megapixels) set by "
+      "--max_image_pixels")
+  # Without the limit the decoder runs: it fails on the pixel data, which
+  # does not match the header, or (libjpeg) pads the missing rows.
+  assert decode.TOO_LARGE not in decode_with_limit(huge, 0)
+
+
+def test_the_limit_is_width_times_height_and_below_it_nothing_changes():
+  content = HEADERS["rgb.png"]  # 41 x 30 = 1230 pixels.
+  assert "41 x 30 pixels" in decode_with_limit(content, 1229, in_tf_data=True)
+  unlimited = decode.decode_and_resize(content, SIZE, max_pixels=0).numpy()
+  for limit in (1230, decode.DEFAULT_MAX_PIXELS):
+    np.testing.assert_array_equal(
+        decode.decode_and_resize(content, SIZE, max_pixels=limit).numpy(),
+        unlimited)
+
+
+def test_a_gif_frame_larger_than_its_screen_counts():
+  # TensorFlow decodes a GIF to its largest frame, whatever the screen says.
+  content = image_cases.gif_with_large_frame(screen=10, frame=1500)
+  assert decode.decode_image(content, max_pixels=0).shape == (1500, 1500, 3)
+  assert [int(n) for n in decode.image_dimensions(content)] == [1500, 1500]
+  assert "1500 x 1500 pixels" in decode_with_limit(content, 1500**2 - 1)
+
+
+def test_the_pixel_limit_setting():
+  from PIL import Image
+  assert Config(workdir="w").max_image_pixels == Image.MAX_IMAGE_PIXELS
+  with pytest.raises(UserError, match="--max_image_pixels=-1: must be >= 0"):
+    Config(workdir="w", max_image_pixels=-1).validate()
+
+
+def test_a_gif_too_fragmented_to_measure_cheaply_is_refused():
+  # Finding the frames walks the blocks; encoders write 255-byte data
+  # sub-blocks, skipped 64 at a time. One-byte sub-blocks would make the
+  # walk cost more than any decode, so past 20,000 steps the GIF is refused.
+  still = HEADERS["still.gif"]
+  start = 13 + 3 * 2 ** ((still[10] & 7) + 1)  # After the colour table.
+
+  def with_comment(sub_blocks):
+    return (still[:start] + b"!\xfe" + b"\x01X" * sub_blocks + b"\0"
+            + still[start:])
+
+  assert [int(n) for n in decode.image_dimensions(with_comment(1000))] == [
+      30, 41]
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="GIF: more than 20000 blocks"):
+    decode.decode_image(with_comment(25000))
+  # The file itself decodes: only the check refuses it.
+  assert decode.decode_image(with_comment(25000), max_pixels=0).shape == (
+      30, 41, 3)

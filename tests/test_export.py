@@ -182,7 +182,7 @@ def test_assets_are_inside_the_version_folder(exported):
   assert export.read_class_names(path) == list(CLASS_NAMES)
   assert export.read_metadata(path) == {
       "image_size": SIZE, "top_k": len(CLASS_NAMES),
-      "num_classes": len(CLASS_NAMES)}
+      "num_classes": len(CLASS_NAMES), "max_image_pixels": 89478485}
 
 
 def test_class_names_live_in_the_graph(exported, tmp_path):

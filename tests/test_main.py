@@ -129,10 +129,16 @@ def test_export_mode_adds_a_version(smoke_run, tmp_path):
   copy = str(tmp_path / "work")
   shutil.copytree(workdir, copy)
   exported = run_cli("--flagfile=configs/smoke.cfg", f"--workdir={copy}",
-                     f"--data_dir={data_dir}", "--mode=export")
+                     f"--data_dir={data_dir}", "--mode=export",
+                     "--max_image_pixels=1000000")
   assert exported.returncode == 0, exported.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(copy, "export"))) == ["1", "2"]
   assert os.listdir(os.path.join(workdir, "export")) == ["1"]
+  # The flag reaches the new version; the run's own export has the default.
+  from tf_finetune import export  # pylint: disable=g-import-not-at-top
+  limits = [export.read_metadata(os.path.join(copy, "export", version))
+            ["max_image_pixels"] for version in ("1", "2")]
+  assert limits == [89478485, 1000000]
 
 
 def _write_images(folder, count, size=40):

@@ -1,6 +1,7 @@
 """Tests for tf_finetune.predict: image files through the exported model,
 bad files reported one by one, and --mode=predict on the real run."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import image_cases
 from conftest import run_cli
 from test_export import CLASS_NAMES, SIZE, build_tiny_model, make_images
-from tf_finetune import data, export, folder_source, predict, train
+from tf_finetune import data, decode, export, folder_source, predict, train
 from tf_finetune.config import Config, UserError
 
 
@@ -100,7 +102,8 @@ def test_a_bad_file_the_check_missed_fails_alone(tiny_export, tmp_path,
   # fails on it must not take its batch mates down.
   model, root = tiny_export
   good = write_inputs(str(tmp_path / "in"), make_images(3, seed=4))
-  monkeypatch.setattr(folder_source, "find_undecodable", lambda paths: {})
+  monkeypatch.setattr(folder_source, "find_undecodable",
+                      lambda paths, **unused: {})
   result = predict.run_prediction(
       predict_config(tmp_path, str(tmp_path / "in"), root))
   check_predictions(result, model, good)
@@ -178,3 +181,34 @@ def test_bad_inputs_flag_fails_naming_it(tmp_path, flags, message):
   assert result.returncode == 2
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_an_image_above_the_exports_pixel_limit_is_refused(tiny_export,
+                                                           tmp_path,
+                                                           monkeypatch):
+  model, root = tiny_export
+  version = export.latest_version_path(root)
+  assert export.read_metadata(version)["max_image_pixels"] == 89478485
+  huge = image_cases.with_size(image_cases.header_cases()["rgb.png"],
+                               23000, 23000)
+  reason = ("image too large to decode: 23000 x 23000 pixels (529.0 "
+            "megapixels) is above the limit of 89478485 pixels (89.5 "
+            "megapixels) set by --max_image_pixels")
+  serve = tf.saved_model.load(version).signatures["serving_default"]
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    serve(image_bytes=tf.constant([huge]))
+  assert decode.too_large_reason(error.value) == reason
+  good = write_inputs(str(tmp_path / "in"), make_images(1, seed=6))
+  (tmp_path / "in" / "huge.png").write_bytes(huge)
+  # The export's limit applies, whatever --max_image_pixels says now: both
+  # in the up-front check and, for a file it missed, in the served graph.
+  config = dataclasses.replace(
+      predict_config(tmp_path, str(tmp_path / "in"), root),
+      max_image_pixels=0)
+  for check in (folder_source.find_undecodable, lambda paths, **unused: {}):
+    monkeypatch.setattr(folder_source, "find_undecodable", check)
+    result = predict.run_prediction(config)
+    check_predictions(result, model, good)
+    skipped = {os.path.basename(s["file"]): s["reason"]
+               for s in result["skipped_files"]}
+    assert skipped["huge.png"] == reason

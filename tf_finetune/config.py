@@ -45,6 +45,11 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+# Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), about
+# 9,500 x 9,500: far above any photo a classifier needs, and a sixth of the
+# 536 megapixels TensorFlow's PNG decoder allows (README, "Images too large
+# to decode").
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # What an export writes: the SavedModel, and LiteRT models inside it
 # (litert.py).
 EXPORT_FORMATS = ("saved_model", "tflite")
@@ -144,6 +149,10 @@ class Config:
       "tensorflow", "--mode=predict and evaluate: tensorflow, or the latest "
       "export's LiteRT model (tflite: float32, tflite_int8).",
       choices=RUNTIMES, resumable=True)
+  max_image_pixels: int = setting(
+      DEFAULT_MAX_IMAGE_PIXELS, "Images whose header says more pixels are "
+      "refused before decoding, in training and by the export (default: "
+      "Pillow's limit; 0: no limit).")
   inputs: str = setting(
       "", "--mode=predict: an image file or a folder of images.")
   save_every_steps: int = setting(
@@ -230,6 +239,9 @@ class Config:
     _check(self.image_size >= 32,
            f"--image_size={self.image_size}: ResNet50 needs at least 32 pixels.")
     self._check_export_formats()
+    _check(self.max_image_pixels >= 0,
+           f"--max_image_pixels={self.max_image_pixels}: must be >= 0 (0: "
+           "no limit).")
     _check(self.batch_size >= 1, f"--batch_size={self.batch_size}: must be >= 1.")
     for name in ("val_fraction", "test_fraction"):
       value = getattr(self, name)

@@ -275,7 +275,8 @@ def _file_records(files: Sequence[Tuple[str, int]], config: Config):
       (list(paths), tf.constant(labels, tf.int32)))
 
   def load(path, label):
-    return decode_and_resize(tf.io.read_file(path), config.image_size), label
+    return decode_and_resize(tf.io.read_file(path), config.image_size,
+                             config.max_image_pixels), label
 
   return records, load
 
@@ -302,7 +303,8 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   def load(example):
     label = tf.cast(example[label_key], tf.int32)
     if encoded:
-      return decode_and_resize(example[image_key], config.image_size), label
+      return decode_and_resize(example[image_key], config.image_size,
+                               config.max_image_pixels), label
     image = example[image_key]
     if channels == 1:
       image = tf.image.grayscale_to_rgb(image)

@@ -6,7 +6,10 @@ Each version has two signatures with the same outputs (`probabilities`,
 
 - `serving_default`: `image_bytes`, tf.string [None], encoded JPEG/PNG/GIF/
   BMP, so the REST form `{"b64": ...}` works. Decoding and resizing run in
-  the graph through `data.decode_and_resize`, the function training used.
+  the graph through `data.decode_and_resize`, the function training used,
+  with the pixel limit (`--max_image_pixels`, recorded in
+  `assets/metadata.json`): an image whose header says more pixels fails the
+  request with InvalidArgument before it is decoded.
 - `serving_tensor`: `images`, uint8 [None, S, S, 3], already decoded.
 
 Class names are a constant in the graph (served answers need no file) and
@@ -33,7 +36,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, files, litert
+from tf_finetune import data, decode, files, litert
 
 CLASS_NAMES_FILE = "class_names.txt"
 METADATA_FILE = "metadata.json"
@@ -46,7 +49,9 @@ _RENAME_ATTEMPTS = 5
 def export_saved_model(model: keras.Model, class_names: Sequence[str],
                        image_size: int, export_root: str,
                        top_k: int = 5, run_id: Optional[str] = None,
-                       formats: Sequence[str] = ("saved_model",)) -> str:
+                       formats: Sequence[str] = ("saved_model",),
+                       max_image_pixels: int = decode.DEFAULT_MAX_PIXELS
+                       ) -> str:
   """Writes a new version `export_root/<N>/`, unless run `run_id` exported
   one already, and returns its path.
 
@@ -69,12 +74,16 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
     formats: "saved_model" (always written: the version is a SavedModel)
       and optionally "tflite", LiteRT models in `<N>/tflite/`; a version
       run `run_id` exported without them gets them added.
+    max_image_pixels: `serving_default` refuses images whose header says
+      more pixels, before decoding them; 0: no limit.
 
   Returns:
     The path of the version folder.
   """
   class_names = [str(name) for name in class_names]
   _check_arguments(model, class_names, image_size, top_k)
+  if max_image_pixels < 0:
+    raise ValueError(f"max_image_pixels={max_image_pixels} must be >= 0.")
   k = min(top_k, len(class_names))
   if run_id:
     existing = find_version_of_run(export_root, run_id, k)
@@ -86,9 +95,11 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
       return existing
   files.makedirs(export_root)
   with files.temp_folder(export_root) as temp_dir:
-    archive = build_export_archive(model, class_names, image_size, top_k)
+    archive = build_export_archive(model, class_names, image_size, top_k,
+                                   max_image_pixels)
     archive.write_out(temp_dir, verbose=False)
-    _write_assets(temp_dir, class_names, image_size, k, run_id)
+    _write_assets(temp_dir, class_names, image_size, k, run_id,
+                  max_image_pixels)
     if "tflite" in formats:
       litert.write_tflite_models(model, class_names, image_size,
                                  litert.tflite_folder(temp_dir))
@@ -123,8 +134,9 @@ def find_version_of_run(export_root: str, run_id: str,
 
 
 def build_export_archive(model: keras.Model, class_names: Sequence[str],
-                         image_size: int,
-                         top_k: int = 5) -> keras.export.ExportArchive:
+                         image_size: int, top_k: int = 5,
+                         max_image_pixels: int = decode.DEFAULT_MAX_PIXELS
+                         ) -> keras.export.ExportArchive:
   """Returns an ExportArchive with the two serving signatures, not written.
 
   ExportArchive, not `tf.saved_model.save(model)`: the latter loses the
@@ -135,7 +147,8 @@ def build_export_archive(model: keras.Model, class_names: Sequence[str],
 
   def serve_image_bytes(image_bytes):
     images = tf.map_fn(
-        lambda one: data.decode_and_resize(one, image_size), image_bytes,
+        lambda one: data.decode_and_resize(one, image_size,
+                                           max_image_pixels), image_bytes,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                           tf.uint8))
     return predict(images)
@@ -200,7 +213,9 @@ def read_class_names(path: str) -> List[str]:
 
 
 def read_metadata(path: str) -> Dict[str, int]:
-  """Returns {"image_size", "top_k", "num_classes"} of an exported version."""
+  """Returns {"image_size", "top_k", "num_classes", "max_image_pixels"} of an
+  exported version (versions exported before the pixel limit have no
+  "max_image_pixels": they decode any size)."""
   return files.read_json(os.path.join(path, "assets", METADATA_FILE))
 
 
@@ -260,14 +275,16 @@ def _check_arguments(model, class_names, image_size, top_k):
                      f"{len(class_names)} class names.")
 
 
-def _write_assets(version_dir, class_names, image_size, top_k, run_id):
+def _write_assets(version_dir, class_names, image_size, top_k, run_id,
+                  max_image_pixels):
   """Writes the class names (one per line), serving metadata and run id."""
   assets_dir = os.path.join(version_dir, "assets")
   files.makedirs(assets_dir)
   files.write_bytes(os.path.join(assets_dir, CLASS_NAMES_FILE),
                     "".join(f"{name}\n" for name in class_names).encode())
   metadata = {"image_size": image_size, "top_k": top_k,
-              "num_classes": len(class_names)}
+              "num_classes": len(class_names),
+              "max_image_pixels": max_image_pixels}
   files.write_bytes(os.path.join(assets_dir, METADATA_FILE),
                     json.dumps(metadata, indent=2).encode())
   if run_id:

@@ -5,13 +5,18 @@ the steps per epoch and `report.json` must say exactly which files were
 used, and a bad file must not stop a run hours in. So every candidate file
 is decoded once, in one parallel tf.data pass, with the pipeline's own
 decoder (`decode.decode_and_resize`; a header check would pass truncated
-files) at a thumbnail size, where libjpeg skips most of the work.
+files) at a thumbnail size, where libjpeg skips most of the work. An
+image whose header says more pixels than `--max_image_pixels` is refused
+before it is decoded, as the decoder refuses it everywhere
+(decode.check_pixel_limit).
 
 That still costs about one JPEG decode per file. So the verdicts are kept
 in a small JSON file per dataset folder (under `--data_dir`, default
-`~/.cache/tf_finetune/checks/`), keyed by path, size and modification time:
-later runs on the same folder (another training run, `--mode=evaluate`,
-tuning trials) check only new or changed files.
+`~/.cache/tf_finetune/checks/`), keyed by path, size, modification time and
+the pixel limit: later runs on the same folder (another training run,
+`--mode=evaluate`, tuning trials) check only new or changed files, and a
+run with another `--max_image_pixels` checks every file again (a verdict
+depends on the limit).
 """
 
 import hashlib
@@ -31,12 +36,16 @@ from tf_finetune import decode, files
 CHECK_SIZE = 16
 # A progress bar is shown when checking at least this many files.
 PROGRESS_MIN_FILES = 2000
+# A cache entry is the identity (`_identity`), then the verdict.
+_IDENTITY_SIZE = 3
 # Part of the cache key: a new decoder may decode what an old one could not.
-_CACHE_VERSION = f"decode-v1/tf-{tf.__version__}"
+_CACHE_VERSION = f"decode-v2/tf-{tf.__version__}"
 
 
 def find_undecodable(paths: Sequence[str], progress: Optional[bool] = None,
-                     cache_file: str = "") -> Dict[str, str]:
+                     cache_file: str = "",
+                     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+                     ) -> Dict[str, str]:
   """Finds the files that `decode.decode_and_resize` cannot decode.
 
   Args:
@@ -45,16 +54,19 @@ def find_undecodable(paths: Sequence[str], progress: Optional[bool] = None,
       or more files.
     cache_file: JSON file of earlier verdicts to reuse and update; "" for
       none.
+    max_pixels: files whose header says more pixels are not decoded but
+      refused (`--max_image_pixels`); 0: no limit.
 
   Returns:
     {path: reason} for every file that cannot be used.
   """
-  identities = {path: _identity(path) for path in paths}
+  identities = {path: _identity(path, max_pixels) for path in paths}
   known = _load_cache(cache_file)
-  verdicts = {path: known[path][2] for path in paths
-              if path in known and known[path][:2] == identities[path]}
+  size = _IDENTITY_SIZE
+  verdicts = {path: known[path][size] for path in paths
+              if path in known and known[path][:size] == identities[path]}
   unchecked = [path for path in paths if path not in verdicts]
-  verdicts.update(_check(unchecked, progress))
+  verdicts.update(_check(unchecked, progress, max_pixels))
   if cache_file and unchecked:
     _save_cache(cache_file, {path: [*identities[path], verdicts[path]]
                              for path in paths})
@@ -68,7 +80,8 @@ def cache_file_for(root: str, data_dir: str = "") -> str:
   return os.path.join(base, "checks", key[:24] + ".json")
 
 
-def _check(paths: Sequence[str], progress: Optional[bool]) -> Dict[str, str]:
+def _check(paths: Sequence[str], progress: Optional[bool],
+           max_pixels: int) -> Dict[str, str]:
   """{path: reason, or "" when it decodes} for every path: one parallel pass
   over all, then the few failures read again, eagerly, to say why."""
   if not paths:
@@ -76,7 +89,8 @@ def _check(paths: Sequence[str], progress: Optional[bool]) -> Dict[str, str]:
   started = time.perf_counter()
 
   def check(index, path):
-    image = decode.decode_and_resize(tf.io.read_file(path), CHECK_SIZE)
+    image = decode.decode_and_resize(tf.io.read_file(path), CHECK_SIZE,
+                                     max_pixels)
     # Returning something computed from the pixels keeps the decode from
     # being optimised away.
     return index, tf.reduce_max(image)
@@ -95,7 +109,8 @@ def _check(paths: Sequence[str], progress: Optional[bool]) -> Dict[str, str]:
     decoded.update(int(i) for i in indices)
     if bar:
       bar.update(len(decoded))
-  verdicts = {path: "" if index in decoded else describe_failure(path)
+  verdicts = {path: "" if index in decoded
+              else describe_failure(path, max_pixels)
               for index, path in enumerate(paths)}
   if bar:
     bar.update(len(paths), finalize=True)
@@ -106,8 +121,10 @@ def _check(paths: Sequence[str], progress: Optional[bool]) -> Dict[str, str]:
   return verdicts
 
 
-def describe_failure(path: str) -> str:
-  """One line saying why `path` cannot be decoded."""
+def describe_failure(path: str,
+                     max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> str:
+  """One line saying why `path` cannot be decoded (with the pixel limit
+  `max_pixels`)."""
   try:
     with open(path, "rb") as f:
       content = f.read()
@@ -124,8 +141,11 @@ def describe_failure(path: str) -> str:
     return (f"unsupported image format {found}; convert it to one of "
             f"{supported}")
   try:
-    decode.decode_and_resize(tf.constant(content), CHECK_SIZE)
+    decode.decode_and_resize(tf.constant(content), CHECK_SIZE, max_pixels)
   except tf.errors.OpError as error:
+    too_large = decode.too_large_reason(error)
+    if too_large:
+      return too_large
     return (f"undecodable {found} (truncated, corrupt or an unsupported "
             f"variant): {_op_error_text(error)}")
   return f"could not be decoded as {found}"
@@ -140,17 +160,19 @@ def _op_error_text(error: tf.errors.OpError) -> str:
   return " ".join(text.split()) or type(error).__name__
 
 
-def _identity(path: str) -> list:
-  """[size, mtime in ns]: a changed file gets checked again."""
+def _identity(path: str, max_pixels: int) -> list:
+  """[size, mtime in ns, pixel limit]: a changed file, or the same file
+  under another limit, gets checked again."""
   try:
     stat = os.stat(path)
   except OSError:
-    return [-1, -1]
-  return [stat.st_size, stat.st_mtime_ns]
+    return [-1, -1, max_pixels]
+  return [stat.st_size, stat.st_mtime_ns, max_pixels]
 
 
 def _load_cache(cache_file: str) -> dict:
-  """{path: [size, mtime_ns, reason]}; {} when missing, stale or unreadable."""
+  """{path: [size, mtime_ns, max_pixels, reason]}; {} when missing, stale
+  or unreadable."""
   if not cache_file:
     return {}
   try:

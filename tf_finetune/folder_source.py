@@ -49,8 +49,8 @@ def list_folder_splits(root: str, config: Config):
 
   Args:
     root: the folder of `--dataset=folder:ROOT`.
-    config: for `val_fraction`, `test_fraction`, `seed`, and `data_dir`
-      (where the file check keeps its results).
+    config: for `val_fraction`, `test_fraction`, `seed`, `data_dir`
+      (where the file check keeps its results) and `max_image_pixels`.
 
   Returns:
     (class_names, {split: [(path, label), ...]}, skipped_files) with all of
@@ -70,7 +70,8 @@ def list_folder_splits(root: str, config: Config):
   bad = find_undecodable(
       [path for per_class in found.values()
        for paths in per_class.values() for path in paths],
-      cache_file=file_check.cache_file_for(root, config.data_dir))
+      cache_file=file_check.cache_file_for(root, config.data_dir),
+      max_pixels=config.max_image_pixels)
   usable = {}
   for split, per_class in found.items():
     usable[split] = {name: [p for p in paths if p not in bad]

@@ -7,8 +7,9 @@ uses, fed the same encoded bytes a REST client would send. With
 `--runtime=tflite` or `tflite_int8`, the version's LiteRT model instead,
 fed the pixels the same decoder gives. Writes WORKDIR/predictions.json.
 
-A file that cannot be decoded is reported (in the JSON and on stderr) and
-skipped; the other files are still classified.
+A file that cannot be decoded, or whose header says more pixels than the
+export's limit (`--max_image_pixels` when it was exported), is reported (in
+the JSON and on stderr) and skipped; the other files are still classified.
 """
 
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, export, files, folder_source, litert
+from tf_finetune import data, decode, export, files, folder_source, litert
 from tf_finetune.config import Config, UserError
 
 PREDICTIONS_FILE = "predictions.json"
@@ -51,9 +52,11 @@ def run_prediction(config: Config) -> Dict:
     serve = tflite_serving_function(
         litert.TFLiteClassifier(model_path), litert.read_labels(version_path),
         export.read_metadata(version_path)["top_k"])
-  # Checked with the decoder the serving graph runs (data.decode_and_resize),
-  # so one bad file does not fail the batch it would be in.
-  skipped = folder_source.find_undecodable(paths)
+  # Checked with the decoder and the pixel limit the serving graph runs
+  # (data.decode_and_resize), so one bad file does not fail the batch it
+  # would be in, and an oversized one is not decoded here either.
+  skipped = folder_source.find_undecodable(
+      paths, max_pixels=served_pixel_limit(version_path, config))
   usable = [path for path in paths if path not in skipped]
   predictions, failed = classify_files(serve, usable, config.batch_size)
   skipped.update(failed)
@@ -103,6 +106,13 @@ def find_latest_export(export_root: str) -> str:
     raise UserError(
         f"--export_dir={export_root!r}: no exported model version there; "
         "train first (--mode=train) or export one (--mode=export).") from None
+
+
+def served_pixel_limit(version_path: str, config: Config) -> int:
+  """The pixel limit export `version_path` serves with; for a version
+  exported before exports recorded one, `--max_image_pixels`."""
+  return export.read_metadata(version_path).get("max_image_pixels",
+                                                config.max_image_pixels)
 
 
 def classify_files(serve, paths: Sequence[str], batch_size: int
@@ -169,6 +179,9 @@ def _describe_error(error: Exception) -> str:
   """One line: TF's message without its '{{function_node ...}}' noise."""
   if isinstance(error, OSError):
     return f"unreadable: {error.strerror or error}"
+  too_large = decode.too_large_reason(error)
+  if too_large:
+    return too_large
   text = re.sub(r"\{\{.*?\}\}", "", error.message or "")
   text = re.sub(r"\[\[.*", "", text, flags=re.DOTALL)
   return "not a decodable image: " + (" ".join(text.split())

@@ -87,7 +87,8 @@ def _train(config: Config, strategy,
       model, datasets.class_names, config.image_size,
       config.resolved_export_dir, config.top_k,
       run_id=checkpoints.read_run_id(config.workdir),
-      formats=config.export_formats)
+      formats=config.export_formats,
+      max_image_pixels=config.max_image_pixels)
   result = report.build_report(
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
@@ -409,7 +410,8 @@ def run_export(config: Config) -> str:
   image_size = model.input_shape[1]  # The trained size, whatever the flag says.
   path = export.export_saved_model(model, read_class_names(config.workdir),
                                    image_size, config.resolved_export_dir,
-                                   config.top_k, formats=config.export_formats)
+                                   config.top_k, formats=config.export_formats,
+                                   max_image_pixels=config.max_image_pixels)
   logging.info("Export: %s", path)
   return path
 
