@@ -44,6 +44,7 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+CLASS_WEIGHTINGS = ("auto", "none")
 
 
 class UserError(Exception):
@@ -110,6 +111,7 @@ class Config:
   cache_memory_mb: int = 1024
   lr_schedule: str = "cosine"
   warmup_fraction: float = 0.1
+  class_weighting: str = "auto"
 
   @property
   def total_epochs(self) -> int:
@@ -158,6 +160,9 @@ class Config:
            f"{LR_SCHEDULES}.")
     _check(0.0 <= self.warmup_fraction < 1.0,
            f"--warmup_fraction={self.warmup_fraction}: must be in [0, 1).")
+    _check(self.class_weighting in CLASS_WEIGHTINGS,
+           f"--class_weighting={self.class_weighting!r}: expected one of "
+           f"{CLASS_WEIGHTINGS}.")
     _check(0.0 <= self.label_smoothing < 1.0,
            f"--label_smoothing={self.label_smoothing}: must be in [0, 1).")
     _check(self.strategy in STRATEGIES,

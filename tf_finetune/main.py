@@ -71,6 +71,12 @@ flags.DEFINE_float("warmup_fraction", _D.warmup_fraction,
                    "rate rises linearly from zero (cosine schedule).")
 flags.DEFINE_float("dropout", _D.dropout, "Dropout before the head.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
+flags.DEFINE_enum("class_weighting", _D.class_weighting,
+                  config_lib.CLASS_WEIGHTINGS,
+                  "auto: weigh training examples by inverse class frequency, "
+                  "and select on balanced validation accuracy, when the "
+                  "largest class has at least 2x the smallest's images; none: "
+                  "unweighted.")
 flags.DEFINE_string("augment", ",".join(_D.augment),
                     "Comma list of augmentations, or none.")
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
