@@ -165,6 +165,8 @@ def main(argv):
         claim_workdir(config)
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
+      if result.get("val_balanced_accuracy") is not None:
+        print(f"val_balanced_accuracy: {result['val_balanced_accuracy']:.4f}")
       if chief:
         print(f"report: {os.path.join(config.workdir, 'report.json')}")
         print(f"export: {result['export_path']}")

@@ -89,6 +89,7 @@ class ClassWeighting:
   def describe(self) -> Dict:
     """report.json's "class_weighting"."""
     return {"train_counts": list(self.train_counts),
+            "val_counts": list(self.val_counts),
             "weights": None if self.weights is None else list(self.weights),
             "reason": self.reason,
             "validation_measure": BALANCED_ACCURACY if self.on else
