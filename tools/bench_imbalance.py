@@ -31,36 +31,49 @@ import bench_transfer  # noqa: E402  (its data helpers)
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Data, runs and results go here.")
-flags.DEFINE_string("backbone_weights", None, "The pretrained backbone "
-                    "(.weights.h5), e.g. fm59_resnet50.weights.h5.")
-flags.DEFINE_string("fashion_mnist_dir", bench_transfer.DEFAULT_FASHION_MNIST_DIR,
-                    "Debian's dataset-fashion-mnist files.")
-flags.DEFINE_list("train_counts", ["50", "25", "12", "6", "3"],
-                  "Training images of classes 0-4.")
-flags.DEFINE_integer("val_per_class", 100, "Validation images per class.")
-flags.DEFINE_integer("test_per_class", 1000, "Test images per class.")
-flags.DEFINE_integer("draws", 3, "Draws (seeds 0..N-1) of the task.")
-flags.DEFINE_list("weightings", ["auto", "none"], "--class_weighting values.")
-flags.DEFINE_string("package_flags", "", "More flags for every package run.")
+
+
+def define_flags() -> None:
+  """Defined when the tool runs, not when tests import it."""
+  flags.DEFINE_string("workdir", None, "Data, runs and results go here.")
+  flags.DEFINE_string("backbone_weights", None, "The pretrained backbone "
+                      "(.weights.h5), e.g. fm59_resnet50.weights.h5.")
+  flags.DEFINE_string("fashion_mnist_dir",
+                      bench_transfer.DEFAULT_FASHION_MNIST_DIR,
+                      "Debian's dataset-fashion-mnist files.")
+  flags.DEFINE_list("train_counts", ["50", "25", "12", "6", "3"],
+                    "Training images of classes 0-4.")
+  flags.DEFINE_integer("val_per_class", 100, "Validation images per class.")
+  flags.DEFINE_integer("test_per_class", 1000, "Test images per class.")
+  flags.DEFINE_integer("draws", 3, "Draws (seeds 0..N-1) of the task.")
+  flags.DEFINE_list("weightings", ["auto", "none"],
+                    "--class_weighting values.")
+  flags.DEFINE_string("package_flags", "",
+                      "More flags for every package run.")
+
 
 CLASSES = bench_transfer.TASK_CLASSES["far"]
 
 
-def prepare_draw(root: str, draw: int, train_counts: List[int]) -> str:
-  """Writes one draw's train/val/test class folders (once); returns them."""
+def prepare_draw(root: str, draw: int, train_counts: List[int],
+                 val_per_class: int, test_per_class: int,
+                 mnist_dir: str) -> str:
+  """Writes one draw's train/val/test class folders (once); returns them.
+
+  Validation images come from Fashion-MNIST's training split, disjoint
+  from the training images; test images from its test split.
+  """
   sizes = "-".join(map(str, train_counts))
   folder = os.path.join(root, f"far-imbalanced-draw{draw}-train{sizes}-val"
-                        f"{FLAGS.val_per_class}-test{FLAGS.test_per_class}")
+                        f"{val_per_class}-test{test_per_class}")
   if os.path.isdir(folder):
     return folder
   staging = folder + ".partial"
   shutil.rmtree(staging, ignore_errors=True)
-  images, labels = bench_transfer.load_fashion_mnist(FLAGS.fashion_mnist_dir,
-                                                     "train")
+  images, labels = bench_transfer.load_fashion_mnist(mnist_dir, "train")
   drawn = bench_transfer.stratified_draw(
       labels, CLASSES, [("train", max(train_counts)),
-                        ("val", FLAGS.val_per_class)], [draw, 0])
+                        ("val", val_per_class)], [draw, 0])
   # The first n of each class's drawn training images, n from train_counts.
   rng = np.random.default_rng([draw, 1])
   train = np.sort(np.concatenate([
@@ -70,10 +83,9 @@ def prepare_draw(root: str, draw: int, train_counts: List[int]) -> str:
                             train, "train")
   bench_transfer.write_pngs(os.path.join(staging, "val"), images, labels,
                             drawn["val"], "train")
-  images, labels = bench_transfer.load_fashion_mnist(FLAGS.fashion_mnist_dir,
-                                                     "t10k")
+  images, labels = bench_transfer.load_fashion_mnist(mnist_dir, "t10k")
   test = bench_transfer.stratified_draw(
-      labels, CLASSES, [("test", FLAGS.test_per_class)], [draw, 2])["test"]
+      labels, CLASSES, [("test", test_per_class)], [draw, 2])["test"]
   bench_transfer.write_pngs(os.path.join(staging, "test"), images, labels,
                             test, "t10k")
   os.rename(staging, folder)
@@ -127,7 +139,9 @@ def main(argv):
     raise app.UsageError(f"--train_counts: {len(CLASSES)} counts >= 1.")
   rows = []
   for draw in range(FLAGS.draws):
-    task_dir = prepare_draw(os.path.join(FLAGS.workdir, "data"), draw, counts)
+    task_dir = prepare_draw(os.path.join(FLAGS.workdir, "data"), draw, counts,
+                            FLAGS.val_per_class, FLAGS.test_per_class,
+                            FLAGS.fashion_mnist_dir)
     for weighting in FLAGS.weightings:
       row = run_package(task_dir, os.path.join(FLAGS.workdir, "runs"),
                         weighting, draw)
@@ -141,4 +155,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
