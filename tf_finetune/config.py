@@ -45,6 +45,9 @@ JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
                            "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
+# --class_weighting: inverse-frequency weights at a 2x imbalance, or none
+# (weighting.py).
+CLASS_WEIGHTINGS = ("auto", "none")
 # Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), about
 # 9,500 x 9,500: far above any photo a classifier needs, and a sixth of the
 # 536 megapixels TensorFlow's PNG decoder allows (README, "Images too large
@@ -126,6 +129,11 @@ class Config:
       16, "Residual blocks unfrozen in stage finetune, from the top (0-16).")
   dropout: float = setting(0.2, "Dropout before the head.")
   label_smoothing: float = setting(0.1, "Label smoothing.")
+  class_weighting: str = setting(
+      "auto", "auto: weigh training examples by inverse class frequency, and "
+      "select on balanced validation accuracy, when the largest class has "
+      "at least 2x the smallest's images; none: unweighted.",
+      choices=CLASS_WEIGHTINGS)
   augment: Tuple[str, ...] = setting(
       ("flip",), "Comma list of augmentations, or none.")
   strategy: str = setting("auto", "tf.distribute strategy.",

@@ -37,6 +37,7 @@ from tf_finetune import augment as augment_lib
 from tf_finetune import decode
 from tf_finetune import demo_data
 from tf_finetune import folder_source
+from tf_finetune import weighting
 from tf_finetune.config import Config, UserError
 from tf_finetune.folder_source import SPLITS
 
@@ -78,6 +79,10 @@ class Datasets:
       Epoch e's order and augmentation depend only on --seed and e, so a
       run resumed at any epoch and step trains on the batches an
       uninterrupted run would. None (stand-ins in tests): `train` is used.
+    class_counts: examples per class of each split, e.g. {"train": [50,
+      25], "val": [10, 10], "test": []}, in class_names order (class
+      weighting, weighting.py; a TFDS source counts train and val only);
+      None: unknown (stand-ins in tests).
   """
   train: tf.data.Dataset
   val: tf.data.Dataset
@@ -87,6 +92,7 @@ class Datasets:
   skipped_files: list
   train_unaugmented: Optional[tf.data.Dataset] = None
   train_from: Optional[Callable[[int], tf.data.Dataset]] = None
+  class_counts: Optional[Dict[str, list]] = None
 
 
 def create_datasets(config: Config) -> Datasets:
@@ -243,7 +249,10 @@ def _folder_datasets(root: str, config: Config) -> Datasets:
       class_names=class_names,
       num_examples={split: len(splits[split]) for split in SPLITS},
       skipped_files=skipped, train_unaugmented=make("train"),
-      train_from=train_from)
+      train_from=train_from,
+      class_counts={split: np.bincount(
+          np.array([label for _, label in splits[split]], np.int64),
+          minlength=len(class_names)).tolist() for split in SPLITS})
 
 
 def files_pipeline(files: Sequence[Tuple[str, int]], config: Config,
@@ -313,6 +322,11 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}
 
+  def count_classes(tfds_split: str) -> list:
+    # One pass over the split's labels; the images are read, not decoded.
+    return weighting.count_labels(read(tfds_split, False)[0].map(
+        lambda example: example[label_key]).batch(4096), num_classes)
+
   def read(tfds_split: str, training: bool) -> Tuple[tf.data.Dataset, int]:
     records = builder.as_dataset(
         split=tfds_split, shuffle_files=training, decoders=decoders,
@@ -335,7 +349,9 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
       class_names=list(builder.info.features[label_key].names),
       num_examples={split: counts.get(split, 0) for split in SPLITS},
       skipped_files=[],
-      train_unaugmented=make(split_names["train"])[0], train_from=train_from)
+      train_unaugmented=make(split_names["train"])[0], train_from=train_from,
+      class_counts={split: count_classes(split_names[split])
+                    for split in ("train", "val")})
 
 
 def _prepare_tfds_builder(tfds, name: str, version: Optional[str],

@@ -225,7 +225,7 @@ def pad_batches(dataset: Optional[tf.data.Dataset], replicas: int,
                 num_examples: Optional[int] = None,
                 batch_size: Optional[int] = None
                 ) -> Optional[tf.data.Dataset]:
-  """(x, y) batches -> (x, y, sample_weight) batches that split evenly.
+  """(x, y[, w]) batches -> (x, y, sample_weight) batches that split evenly.
 
   Workaround: tf.distribute gives each replica an equal part of every batch,
   so a batch with fewer examples than replicas leaves a replica an empty
@@ -248,8 +248,11 @@ def pad_batches(dataset: Optional[tf.data.Dataset], replicas: int,
     accuracy over the split are the means over its real examples, each
     counted once.
 
+  Per-example weights `w` already in the batches (class weights,
+  weighting.py) are multiplied by these; pads get 0.
+
   Args:
-    dataset: batches of (x, y); None passes through.
+    dataset: batches of (x, y) or (x, y, w); None passes through.
     replicas: the strategy's replicas in sync; with 1 nothing changes.
     num_examples: the split's size, for evaluation weights.
     batch_size: the split's batch size, with `num_examples`.
@@ -259,7 +262,7 @@ def pad_batches(dataset: Optional[tf.data.Dataset], replicas: int,
   scale = (None if num_examples is None else
            padded_count(num_examples, batch_size, replicas) / num_examples)
 
-  def pad(x, y):
+  def pad(x, y, *given):
     real = tf.shape(x)[0]
     pads = -real % replicas
 
@@ -272,8 +275,10 @@ def pad_batches(dataset: Optional[tf.data.Dataset], replicas: int,
     count = tf.cast(real, tf.float32)
     weight = ((count + tf.cast(pads, tf.float32)) / count if scale is None
               else tf.constant(scale, tf.float32))
-    weights = tf.concat([tf.fill([real], weight), tf.zeros([pads])], 0)
-    return extend(x), extend(y), weights
+    weights = tf.fill([real], weight)
+    if given:
+      weights *= tf.cast(given[0], tf.float32)
+    return extend(x), extend(y), extend(weights)
 
   return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True)

@@ -86,8 +86,9 @@ class CachedHeadStage:
     stage_callback: the run's TwoStageCallback; the caching time is counted
       in stage head's seconds.
     settings: views, batch size, memory budget, folder, seed.
-    train: batches of (uint8 images, one-hot labels); if it augments, each
-      pass over it is a new view (K >= 2).
+    train: batches of (uint8 images, one-hot labels[, per-example weights
+      from weighting.py]); if it augments, each pass over it is a new view
+      (K >= 2).
     train_unaugmented: the same images not augmented (the view when K = 1);
       None: `train` is used instead.
     validation: batches like `train`, not augmented, or None.
@@ -343,19 +344,24 @@ def continue_logs(callbacks: Sequence) -> None:
 
 
 class CachedView:
-  """The cached (features, labels) of one pass over a split."""
+  """The cached (features, labels[, weights]) of one pass over a split.
+
+  Per-example weights (class weighting, weighting.py) are kept next to
+  their features, in memory and on disk, so the head trains on them.
+  """
 
   def __init__(self, name: str):
     self.name = name
     self.count = 0
-    self.batches = []  # [(features, labels)] while in memory.
-    self.arrays = None  # (features, labels) once finished in memory.
+    self.batches = []  # [(features, labels[, weights])] while in memory.
+    self.arrays = None  # (features, labels[, weights]) once in memory.
     self.path: Optional[str] = None  # The TFRecord file once on disk.
     self.writer = None
-    self.specs = None  # (dtype, shape[1:]) of features and of labels.
+    self.specs = None  # (dtype, shape[1:]) of each array.
 
   def dataset(self) -> tf.data.Dataset:
-    """Unbatched (features, labels) examples, in the order computed."""
+    """Unbatched (features, labels[, weights]) examples, in the order
+    computed."""
     if self.path is None:
       return tf.data.Dataset.from_tensor_slices(self.arrays)
     # With a known length Keras does not warn "input ran out of data" after
@@ -378,8 +384,9 @@ class FeatureCache:
             progbar: keras.utils.Progbar) -> CachedView:
     """One pass over `dataset`, its images replaced by their features."""
     view = CachedView(name)
-    for images, labels in dataset:
-      self._append(view, extract(images).numpy(), labels.numpy())
+    for images, *rest in dataset:  # rest: labels[, weights]
+      self._append(view, (extract(images).numpy(),
+                          *(tensor.numpy() for tensor in rest)))
       progbar.add(1)
     if view.writer is not None:
       view.writer.close()
@@ -388,18 +395,18 @@ class FeatureCache:
       view.batches = []
     return view
 
-  def _append(self, view: CachedView, features, labels) -> None:
-    size = features.nbytes + labels.nbytes
-    view.specs = view.specs or ((features.dtype, features.shape[1:]),
-                                (labels.dtype, labels.shape[1:]))
-    view.count += len(features)
+  def _append(self, view: CachedView, arrays: tuple) -> None:
+    size = sum(array.nbytes for array in arrays)
+    view.specs = view.specs or tuple((array.dtype, array.shape[1:])
+                                     for array in arrays)
+    view.count += len(arrays[0])
     if view.writer is None and self.memory_bytes + size > self.budget:
       self._spill(view)
     if view.writer is not None:
-      view.writer.write(_serialize_batch(features, labels))
+      view.writer.write(_serialize_batch(arrays))
       self.disk_bytes += size
     else:
-      view.batches.append((features, labels))
+      view.batches.append(arrays)
       self.memory_bytes += size
 
   def _spill(self, view: CachedView) -> None:
@@ -407,9 +414,9 @@ class FeatureCache:
     files.makedirs(self.folder)
     view.path = os.path.join(self.folder, f"{view.name}.tfrecord")
     view.writer = tf.io.TFRecordWriter(view.path)
-    for features, labels in view.batches:
-      view.writer.write(_serialize_batch(features, labels))
-      size = features.nbytes + labels.nbytes
+    for arrays in view.batches:
+      view.writer.write(_serialize_batch(arrays))
+      size = sum(array.nbytes for array in arrays)
       self.memory_bytes -= size
       self.disk_bytes += size
     view.batches = []
@@ -430,21 +437,25 @@ class FeatureCache:
     files.remove_tree(self.folder)
 
 
-def _serialize_batch(features: np.ndarray, labels: np.ndarray) -> bytes:
+# The record keys of a cached batch's arrays, in order.
+_KEYS = ("features", "labels", "weights")
+
+
+def _serialize_batch(arrays: tuple) -> bytes:
   def as_bytes(array):
     return tf.train.Feature(bytes_list=tf.train.BytesList(
         value=[tf.io.serialize_tensor(array).numpy()]))
   return tf.train.Example(features=tf.train.Features(feature={
-      "features": as_bytes(features), "labels": as_bytes(labels)})
+      key: as_bytes(array) for key, array in zip(_KEYS, arrays)})
                          ).SerializeToString()
 
 
 def _parse_batch(record, specs):
+  keys = _KEYS[:len(specs)]
   parsed = tf.io.parse_single_example(
-      record, {key: tf.io.FixedLenFeature([], tf.string)
-               for key in ("features", "labels")})
+      record, {key: tf.io.FixedLenFeature([], tf.string) for key in keys})
   tensors = []
-  for key, (dtype, shape) in zip(("features", "labels"), specs):
+  for key, (dtype, shape) in zip(keys, specs):
     tensor = tf.io.parse_tensor(parsed[key], tf.as_dtype(dtype))
     tensor.set_shape([None, *shape])
     tensors.append(tensor)

@@ -42,8 +42,8 @@ def feature_moments(datasets) -> tuple:
   """Mean and floored standard deviation of cached features.
 
   Args:
-    datasets: tf.data datasets of unbatched (features, labels), e.g. the
-      views of the feature cache (in memory or on disk).
+    datasets: tf.data datasets of unbatched (features, labels[, weights]),
+      e.g. the views of the feature cache (in memory or on disk).
 
   Returns:
     (mean, scale) as float32 arrays of the feature dimension.
@@ -51,7 +51,7 @@ def feature_moments(datasets) -> tuple:
   total = squares = None
   count = 0
   for dataset in datasets:
-    for batch, _ in dataset.batch(4096).as_numpy_iterator():
+    for batch, *_ in dataset.batch(4096).as_numpy_iterator():
       batch = batch.astype(np.float64)
       total = batch.sum(0) if total is None else total + batch.sum(0)
       squares = ((batch ** 2).sum(0) if squares is None
@@ -106,11 +106,14 @@ def fit_grid(train, steps_per_epoch: int, epochs: int, validation,
   under the default strategy, with no collective steps.
 
   Args:
-    train: endless batches of (features, one-hot labels), as
-      `features.training_dataset` makes them.
+    train: endless batches of (features, one-hot labels[, weights]), as
+      `features.training_dataset` makes them; weights (class weighting)
+      weigh each head's loss.
     steps_per_epoch: batches per epoch of `train`.
     epochs: passes over the training features.
-    validation: batches of (features, one-hot labels), or None.
+    validation: batches like `train`, or None; with weights, accuracy and
+      loss are weighted means (weighting.py makes the weighted accuracy the
+      balanced one).
     num_classes: classes of the head.
     train_examples: examples per epoch (for the C to L2 conversion).
     mean, scale: the standardisation (`feature_moments`).
@@ -139,31 +142,38 @@ def fit_grid(train, steps_per_epoch: int, epochs: int, validation,
           keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
       loss=[keras.losses.CategoricalCrossentropy(
           label_smoothing=label_smoothing)] * len(grid))
-  heads.fit(train.map(lambda x, y: (x, (y,) * len(grid))),
+  heads.fit(train.map(lambda x, y, *w: (x, (y,) * len(grid),
+                                         *[(w[0],) * len(grid)] * len(w))),
             steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=0,
             shuffle=False)
   if validation is None:
     return [GridPoint(c, l2, None, None) for c, l2 in zip(grid, l2s)]
-  features, labels = _stack(validation)
+  features, labels, weights = _stack(validation)
   probabilities = heads.predict(features, verbose=0, batch_size=1024)
-  return [GridPoint(c, l2, *_scores(p, labels))
+  return [GridPoint(c, l2, *_scores(p, labels, weights))
           for c, l2, p in zip(grid, l2s, probabilities)]
 
 
 def _stack(dataset) -> tuple:
-  """All (features, one-hot labels) batches of `dataset` as two arrays."""
+  """All (features, one-hot labels[, weights]) batches of `dataset` as
+  three arrays (weights all 1 when there are none)."""
   parts = list(dataset.as_numpy_iterator())
-  return (np.concatenate([f for f, _ in parts]),
-          np.concatenate([y for _, y in parts]))
+  features = np.concatenate([part[0] for part in parts])
+  labels = np.concatenate([part[1] for part in parts])
+  weights = (np.concatenate([part[2] for part in parts])
+             if len(parts[0]) > 2 else np.ones(len(labels)))
+  return features, labels, weights
 
 
-def _scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple:
-  """Accuracy and mean cross-entropy (no smoothing) of one head."""
+def _scores(probabilities: np.ndarray, labels: np.ndarray,
+            weights: np.ndarray) -> tuple:
+  """Weighted accuracy and cross-entropy (no smoothing) of one head."""
   truth = labels.argmax(-1)
-  accuracy = float(np.mean(probabilities.argmax(-1) == truth))
+  correct = probabilities.argmax(-1) == truth
   picked = probabilities[np.arange(len(truth)), truth]
-  loss = float(np.mean(-np.log(np.clip(picked, 1e-7, 1.0))))
-  return accuracy, loss
+  losses = -np.log(np.clip(picked, 1e-7, 1.0))
+  return (float(np.average(correct, weights=weights)),
+          float(np.average(losses, weights=weights)))
 
 
 def describe(points: Sequence[GridPoint], chosen: GridPoint,

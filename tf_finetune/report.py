@@ -14,7 +14,9 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
                  export_path: str, config: Dict, seconds: float,
                  speed: Optional[Dict] = None,
                  kept: Optional[Dict] = None,
-                 calibration: Optional[Dict] = None) -> Dict:
+                 calibration: Optional[Dict] = None,
+                 class_weighting: Optional[Dict] = None,
+                 recalls: Optional[Dict] = None) -> Dict:
   """Assembles report.json's content.
 
   `images_per_second` maps each stage's name to its training throughput,
@@ -27,6 +29,10 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
   `calibration` (train.calibrate): the temperature folded into the
   classifier and the validation figures before and after, or why there is
   none.
+  `class_weighting` (weighting.ClassWeighting.describe): the training
+  class counts, the weights or None, and why. `recalls`
+  ({split: weighting.recall_report}): per-class recall and balanced
+  accuracy of val, and test when there is one.
   """
   report = {
       "class_names": list(class_names),
@@ -44,6 +50,11 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
     report["calibration"] = calibration
   if test_accuracy is not None:
     report["test_accuracy"] = test_accuracy
+  if class_weighting is not None:
+    report["class_weighting"] = class_weighting
+  for split, scores in (recalls or {}).items():
+    report[f"{split}_per_class_recall"] = scores["per_class_recall"]
+    report[f"{split}_balanced_accuracy"] = scores["balanced_accuracy"]
   if speed is not None:
     report["speed"] = speed
     report["stage1_mode"] = speed["stage1_mode"]

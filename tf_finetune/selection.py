@@ -40,13 +40,18 @@ class BestWeights(keras.callbacks.Callback):
     model: the model whose weights are kept, whatever model is being fit
       (stage head on cached features fits a head model sharing this model's
       layers).
+    measure: what `monitor` measures when its name does not say it, e.g.
+      a balanced accuracy under class weighting (weighting.py); named in
+      the log and in `best`.
   """
 
   def __init__(self, plan: stages.StagePlan, model: keras.Model,
-               monitor: str = "val_accuracy", mode: str = "max"):
+               monitor: str = "val_accuracy", mode: str = "max",
+               measure: Optional[str] = None):
     super().__init__()
     self.plan = plan
     self.monitor = monitor
+    self.measure = measure
     self.sign = 1.0 if mode == "max" else -1.0
     self._kept_model = model
     self.best: Optional[Dict] = None  # epoch, stage, value, val_loss.
@@ -72,6 +77,8 @@ class BestWeights(keras.callbacks.Callback):
                    "monitor": self.monitor,
                    "value": float(logs[self.monitor]),
                    "val_loss": float(logs.get("val_loss", math.nan))}
+      if self.measure:
+        self.best["measure"] = self.measure
     if (epoch + 1 == self.plan.total_epochs
         or self.plan.stage_at(epoch + 1) != self.plan.stage_at(epoch)):
       self.restore(f"end of stage {self.plan.stage_at(epoch)}")
@@ -91,7 +98,7 @@ class BestWeights(keras.callbacks.Callback):
         variable.assign(self._values[variable.path])
     logging.info("%s: keeping the weights of epoch %d (stage %s, %s %.4f).",
                  why.capitalize(), self.best["epoch"] + 1, self.best["stage"],
-                 self.monitor, self.best["value"])
+                 self.measure or self.monitor, self.best["value"])
 
   def _improves(self, logs) -> bool:
     if self.best is None:

@@ -11,12 +11,13 @@ import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (calibration, checkpoints, data, distribute, export,
                          features, files, fit_plan, plots, report, selection,
-                         speed, stages, training_logs)
+                         speed, stages, training_logs, weighting)
 from tf_finetune import workdir as workdir_lib
 from tf_finetune.config import Config, UserError
 from tf_finetune.model import build_model
@@ -80,7 +81,7 @@ def _train(config: Config, strategy,
   stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
   calibrated = calibrate(config, model, datasets)
-  accuracies = evaluate_splits(model, datasets, config.batch_size)
+  scores = evaluate_splits(model, datasets, config.batch_size)
   save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
   # A rerun after a kill between export and report finds its own version.
   export_path = export.export_saved_model(
@@ -94,14 +95,15 @@ def _train(config: Config, strategy,
       num_examples=datasets.num_examples,
       skipped_files=datasets.skipped_files,
       stages=stage_callback.stage_reports(),
-      val_accuracy=accuracies["val"],
-      test_accuracy=accuracies.get("test"),
+      val_accuracy=scores["val"]["accuracy"],
+      test_accuracy=scores["test"]["accuracy"] if "test" in scores else None,
       export_path=export_path,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started,
       speed=run.switches.describe(),
       kept=describe_kept(best),
-      calibration=calibrated)
+      calibration=calibrated,
+      class_weighting=run.class_weighting.describe(), recalls=scores)
   path = report.write_report(config.workdir, result)
   plots.write_curves(result["stages"],
                      os.path.join(config.workdir, plots.CURVES_FILE),
@@ -123,12 +125,18 @@ class Run:
     plan: the stage plan.
     datasets: the input pipelines.
     model: the model, built in the strategy scope and the dtype policy.
+    class_weighting: the resolved `--class_weighting`; None: off.
   """
   config: Config
   switches: speed.Switches
   plan: stages.StagePlan
   datasets: data.Datasets
   model: keras.Model
+  class_weighting: Optional[weighting.ClassWeighting] = None
+
+  def __post_init__(self):
+    self.class_weighting = self.class_weighting or weighting.resolve(
+        "none", self.datasets.class_names, self.datasets.class_counts)
 
 
 def set_up_run(config: Config, strategy, build_fn=build_model,
@@ -157,7 +165,16 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
   with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_fn(len(datasets.class_names), config.image_size,
                      config.weights, config.dropout, seed)
-  return Run(config, switches, plan, datasets, model)
+  class_weighting = weighting.resolve(
+      config.class_weighting, datasets.class_names, datasets.class_counts)
+  logging.info("Class weighting %s: %s (training images per class %s).",
+               "on" if class_weighting.on else "off", class_weighting.reason,
+               list(class_weighting.train_counts))
+  if class_weighting.on:
+    logging.info("Validation examples weighted by inverse class frequency: "
+                 "val_accuracy is the %s, val_loss the class-balanced "
+                 "loss.", weighting.BALANCED_ACCURACY)
+  return Run(config, switches, plan, datasets, model, class_weighting)
 
 
 def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
@@ -179,8 +196,10 @@ def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
     checkpoints.restore(model, plan, resume, folder)
   stage_callback = stages.TwoStageCallback(
       plan, stage, run.datasets.num_examples["train"], config.batch_size)
-  best = selection.BestWeights(plan, model, config.objective,
-                               objective_direction(config.objective))
+  weights = run.class_weighting
+  best = selection.BestWeights(
+      plan, model, config.objective, objective_direction(config.objective),
+      measure=weights.measure(config.objective) if weights.on else None)
   if resume is not None:
     stage_callback.restore_records(resume.records, resume.epoch, resume.step)
     checkpoints.restore_best(best, resume, folder)
@@ -284,14 +303,17 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
   config, plan, datasets, model = run.config, run.plan, run.datasets, run.model
   num_classes = len(datasets.class_names)
   replicas = model.distribute_strategy.num_replicas_in_sync
-  train = to_one_hot(datasets.train, num_classes)
-  val = to_one_hot(datasets.val, num_classes)
+  # Class weights ride in the batches (x, y, w): no-ops when weighting is off.
+  weigh = run.class_weighting.weigh_train
+  train = weigh(to_one_hot(datasets.train, num_classes))
+  val = run.class_weighting.weigh_val(to_one_hot(datasets.val, num_classes))
   # Every batch split evenly over the replicas; no-op on one.
   padded_val = distribute.pad_batches(val, replicas,
                                       datasets.num_examples["val"],
                                       config.batch_size)
   unaugmented = (None if datasets.train_unaugmented is None
-                 else to_one_hot(datasets.train_unaugmented, num_classes))
+                 else weigh(to_one_hot(datasets.train_unaugmented,
+                                       num_classes)))
   head_end = plan.head_epochs if config.caches_features else 0
   callbacks = [stage_callback, best, *callbacks]
   history = None
@@ -308,7 +330,7 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
                                          plan.steps_per_epoch)
         # shuffle=False: the dataset shuffles itself (data.py); Keras ignores
         # the default shuffle=True on a tf.data.Dataset but warns about it.
-        history = model.fit(distribute.pad_batches(images, replicas),
+        history = model.fit(distribute.pad_batches(weigh(images), replicas),
                             steps_per_epoch=steps,
                             validation_data=padded_val,
                             initial_epoch=segment.initial_epoch,
@@ -353,19 +375,27 @@ def to_one_hot(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
 
 
 def evaluate_splits(model: keras.Model, datasets: data.Datasets,
-                    batch_size: int) -> Dict[str, float]:
-  """Accuracy on the validation split, and the test split when there is one,
-  each image counted once under any strategy (`distribute.pad_batches`)."""
+                    batch_size: int) -> Dict[str, Dict]:
+  """Scores of the validation split, and the test split when there is one:
+  {split: {"accuracy", "per_class_recall", "balanced_accuracy"}}.
+
+  One pass per split (`weighting.confusion_matrix`), each image counted
+  once under any strategy (`distribute.pad_batches`); the accuracy is the
+  share of correct images, unweighted, whatever `--class_weighting` says.
+  """
   num_classes = len(datasets.class_names)
   replicas = model.distribute_strategy.num_replicas_in_sync
-  splits = {"val": datasets.val, "test": datasets.test}
-  return {
-      name: float(model.evaluate(
-          distribute.pad_batches(to_one_hot(ds, num_classes), replicas,
-                                 datasets.num_examples[name], batch_size),
-          verbose=0, return_dict=True)["accuracy"])
-      for name, ds in splits.items() if ds is not None
-  }
+  scores = {}
+  for name, ds in (("val", datasets.val), ("test", datasets.test)):
+    if ds is None:
+      continue
+    matrix = weighting.confusion_matrix(
+        model, distribute.pad_batches(to_one_hot(ds, num_classes), replicas,
+                                      datasets.num_examples[name],
+                                      batch_size), num_classes)
+    scores[name] = {"accuracy": float(np.trace(matrix) / matrix.sum()),
+                    **weighting.recall_report(matrix, datasets.class_names)}
+  return scores
 
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
