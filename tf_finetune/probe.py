@@ -142,8 +142,12 @@ def fit_grid(train, steps_per_epoch: int, epochs: int, validation,
           keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
       loss=[keras.losses.CategoricalCrossentropy(
           label_smoothing=label_smoothing)] * len(grid))
-  heads.fit(train.map(lambda x, y, *w: (x, (y,) * len(grid),
-                                         *[(w[0],) * len(grid)] * len(w))),
+
+  def to_every_head(x, y, *weights):
+    """(features, labels[, weights]) -> the same for each of the heads."""
+    return (x, (y,) * len(grid), *((w,) * len(grid) for w in weights))
+
+  heads.fit(train.map(to_every_head),
             steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=0,
             shuffle=False)
   if validation is None:
