@@ -91,3 +91,34 @@ def test_ties_go_to_the_lower_loss_then_the_stronger_l2():
   unvalidated = [probe.GridPoint(c, probe.l2_of(c, 10), None, None)
                  for c in probe.C_GRID]
   assert probe.choose(unvalidated).c == probe.DEFAULT_C
+
+
+def test_weighted_validation_scores_the_grid_by_balanced_accuracy():
+  """With class weighting (weighting.py) cached examples carry weights: the
+  heads train on weighted losses, and a candidate's validation accuracy is
+  the weighted one, with inverse-frequency weights the balanced accuracy."""
+  from sklearn.metrics import balanced_accuracy_score
+  x, y = _task(24, seed=0)
+  val_x, val_y = _task(90, seed=1)
+  keep = np.concatenate([np.flatnonzero(val_y[:, 0])[:10],
+                         np.flatnonzero(val_y[:, 1])])  # 10 against 45.
+  val_x, val_y = val_x[keep], val_y[keep]
+  truth = val_y.argmax(-1)
+  val_w = (len(truth) / (2 * np.bincount(truth)))[truth].astype("float32")
+  probabilities = np.random.default_rng(2).dirichlet([1, 1], len(truth))
+  accuracy, _ = probe._scores(probabilities, val_y, val_w)
+  assert accuracy == pytest.approx(
+      balanced_accuracy_score(truth, probabilities.argmax(-1)))
+  mean, scale = probe.feature_moments(
+      [tf.data.Dataset.from_tensor_slices((x, y, np.ones(24, "float32")))])
+  train = tf.data.Dataset.from_tensor_slices(
+      (x, y, np.ones(len(x), "float32"))).batch(8).repeat()
+
+  def grid(*validation):
+    return probe.fit_grid(
+        train, 3, 20, tf.data.Dataset.from_tensor_slices(validation).batch(
+            16), 2, len(x), mean, scale, 1e-2, 0.0, 0, (1e-2, 1e2))
+  weighted, plain = grid(val_x, val_y, val_w), grid(val_x, val_y)
+  # Same heads (same seed and data), scored two ways.
+  assert [p.val_accuracy for p in weighted] != [p.val_accuracy
+                                                for p in plain]
