@@ -52,7 +52,8 @@ def define_flags() -> None:
                       "More flags for every package run.")
 
 
-CLASSES = bench_transfer.TASK_CLASSES["far"]
+CLASSES = bench_transfer.make_tasks(50, 100, 1000, 850)["far"].classes
+DOMAIN = "fashion_mnist"
 
 
 def prepare_draw(root: str, draw: int, train_counts: List[int],
@@ -80,14 +81,14 @@ def prepare_draw(root: str, draw: int, train_counts: List[int],
       rng.permutation(drawn["train"][labels[drawn["train"]] == c])[:n]
       for c, n in zip(CLASSES, train_counts)]))
   bench_transfer.write_pngs(os.path.join(staging, "train"), images, labels,
-                            train, "train")
+                            train, "train", DOMAIN)
   bench_transfer.write_pngs(os.path.join(staging, "val"), images, labels,
-                            drawn["val"], "train")
+                            drawn["val"], "train", DOMAIN)
   images, labels = bench_transfer.load_fashion_mnist(mnist_dir, "t10k")
   test = bench_transfer.stratified_draw(
       labels, CLASSES, [("test", test_per_class)], [draw, 2])["test"]
   bench_transfer.write_pngs(os.path.join(staging, "test"), images, labels,
-                            test, "t10k")
+                            test, "t10k", DOMAIN)
   os.rename(staging, folder)
   return folder
 
