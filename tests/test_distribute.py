@@ -48,8 +48,11 @@ replica_batches, snapshots = [], {}
 train_step = keras.Model.train_step
 
 def observed_train_step(self, data):
-  tf.py_function(lambda n: replica_batches.append(int(n)),
-                 [tf.shape(data[0])[0]], [])
+  # The probe's L2 grid (probe.py) trains under the default strategy on
+  # every worker by design: only the classifier's steps are distributed.
+  if self.name != "probe_grid":
+    tf.py_function(lambda n: replica_batches.append(int(n)),
+                   [tf.shape(data[0])[0]], [])
   return train_step(self, data)
 
 class Snapshot(keras.callbacks.Callback):

@@ -93,13 +93,18 @@ def main(argv):
         claim_workdir(config)
       result = train.run_training(config)
       print(f"val_accuracy: {result['val_accuracy']:.4f}")
+      if result.get("val_balanced_accuracy") is not None:
+        print(f"val_balanced_accuracy: {result['val_balanced_accuracy']:.4f}")
       if chief:
         print(f"report: {os.path.join(config.workdir, 'report.json')}")
         print(f"export: {result['export_path']}")
     elif config.mode == "evaluate":
       from tf_finetune import evaluate
       result = evaluate.run_evaluation(config)
-      print(f"{result['split']} accuracy: {result['accuracy']:.4f}")
+      print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
+            f"({result['runtime']})")
+      if "litert" in result:
+        print(format_litert_comparison(result["litert"]))
       print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
       print(f"export: {train.run_export(config)}")
@@ -140,6 +145,23 @@ def claim_workdir(config: config_lib.Config) -> None:
   workdir_lib.check_workdir(config)
   files.write_text_atomic(os.path.join(config.workdir, "flags.cfg"),
                           config_lib.to_flagfile(config))
+
+
+def format_litert_comparison(comparison):
+  """The LiteRT models against their SavedModel, a few lines for stdout."""
+  sizes, latency = comparison["size_bytes"], comparison["latency_ms"]
+  return "\n".join([
+      f"litert: {comparison['version']}",
+      f"  tflite: {sizes['tflite'] / 2**20:.1f} MiB, largest probability "
+      f"difference to the SavedModel "
+      f"{comparison['float_max_abs_difference']:.2e}, top-1 agreement "
+      f"{comparison['float_top1_agreement']:.2%}",
+      f"  tflite_int8: {sizes['tflite_int8'] / 2**20:.1f} MiB, top-1 "
+      f"agreement with the SavedModel {comparison['int8_top1_agreement']:.2%}"
+      f", largest probability difference "
+      f"{comparison['int8_max_abs_difference']:.2e}",
+      "  latency (" + comparison["latency"] + "): " + ", ".join(
+          f"{name} {ms:.1f} ms" for name, ms in latency.items())])
 
 
 def print_predictions(result, workdir):
