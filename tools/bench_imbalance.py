@@ -9,7 +9,7 @@ of the package with its defaults, in its own process. The figure is the
 balanced accuracy (mean per-class recall) on test from report.json.
 
   python tools/bench_imbalance.py --workdir=/tmp/imbalance \\
-      --backbone_weights=/work/shared/transfer/fm59_resnet50.weights.h5
+      --backbone_weights=PATH/fm59_resnet50.weights.h5
 
 The last lines are `auto: M +- SD` and `none: M +- SD` (test balanced
 accuracy %, mean and sample standard deviation over the draws).
