@@ -9,7 +9,10 @@ test-fast` (`pytest -m "not slow"`) runs the others. A test is marked by
 `@pytest.mark.slow`, or here when it uses a fixture that does such work:
 one in SLOW_FIXTURES below, or in its module's own SLOW_FIXTURES."""
 
+import gzip
+import importlib.util
 import os
+import struct
 import subprocess
 import sys
 
@@ -54,6 +57,25 @@ def fast_tests_start_no_python(request, monkeypatch):
     popen_init(self, args, *rest, **kwargs)
 
   monkeypatch.setattr(subprocess.Popen, "__init__", refuse_this_python)
+
+
+def load_tool(name):
+  """tools/NAME.py as a module (tools/ is not a package); its flags are
+  defined only when it runs as a script, so importing it defines none."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def write_idx(path, array, type_code=0x08):
+  """A gzipped idx file as Fashion-MNIST's: magic, big-endian dimensions,
+  bytes."""
+  header = bytes([0, 0, type_code, array.ndim]) + struct.pack(
+      f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
 
 
 def run_cli(*flags, timeout=600):

@@ -1,32 +1,13 @@
 """tools/bench_imbalance.py's task draw, on a small fake Fashion-MNIST."""
 
-import gzip
-import importlib.util
 import os
-import struct
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_tool, write_idx
 
 
-def _load_tool():
-  """The tool as a module; its flags are defined only when it runs."""
-  spec = importlib.util.spec_from_file_location(
-      "bench_imbalance", os.path.join(ROOT, "tools", "bench_imbalance.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_tool()
-
-
-def _write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
-      f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
+bench = load_tool("bench_imbalance")
 
 
 def _fake_fashion_mnist(folder, per_class):
@@ -36,8 +17,8 @@ def _fake_fashion_mnist(folder, per_class):
   for split in ("train", "t10k"):
     labels = np.repeat(np.arange(10), per_class)
     images = rng.integers(0, 256, (len(labels), 28, 28))
-    _write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), images)
-    _write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), labels)
+    write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), labels)
   return folder
 
 

@@ -3,42 +3,22 @@ tasks, the tables and summary lines over draws. No ResNet50, no subprocess,
 no TensorFlow."""
 
 import gzip
-import importlib.util
-import os
 import struct
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_tool, write_idx
 
 
-def _load_tool():
-  """The tool as a module (tools/ is not a package); its flags are defined
-  only when it runs as a script, so importing it defines none."""
-  spec = importlib.util.spec_from_file_location(
-      "bench_transfer", os.path.join(ROOT, "tools", "bench_transfer.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_tool()
-
-
-def _write_idx(path, array, type_code=0x08):
-  """An idx file as Fashion-MNIST's: magic, big-endian dimensions, bytes."""
-  header = bytes([0, 0, type_code, array.ndim]) + struct.pack(
-      f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
+bench = load_tool("bench_transfer")
 
 
 def test_read_idx_returns_images_and_labels_as_written(tmp_path):
   images = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28) % 256
   labels = np.array([9, 0, 4])
-  _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-  _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+  write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
   got_images, got_labels = bench.load_fashion_mnist(str(tmp_path), "train")
   assert got_images.dtype == np.uint8 and got_images.shape == (3, 28, 28)
   np.testing.assert_array_equal(got_images, images)
@@ -47,7 +27,7 @@ def test_read_idx_returns_images_and_labels_as_written(tmp_path):
 
 def test_read_idx_rejects_other_types_and_truncated_files(tmp_path):
   path = str(tmp_path / "x.gz")
-  _write_idx(path, np.zeros((2, 2)), type_code=0x0D)  # float32 code
+  write_idx(path, np.zeros((2, 2)), type_code=0x0D)  # float32 code
   with pytest.raises(ValueError, match="unsigned bytes"):
     bench.read_idx(path)
   with gzip.open(path, "wb") as f:
