@@ -224,7 +224,7 @@ class CachedHeadStage:
         self.settings.seed)
     chosen = probe.choose(points)
     probe.log_choice(points, chosen)
-    return probe.describe(points, chosen, probe.SCALE_FLOOR)
+    return probe.describe(points, chosen)
 
 
 def make_feature_extractor(model: keras.Model, jit_compile: bool = False

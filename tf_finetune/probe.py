@@ -180,14 +180,13 @@ def _scores(probabilities: np.ndarray, labels: np.ndarray,
           float(np.average(losses, weights=weights)))
 
 
-def describe(points: Sequence[GridPoint], chosen: GridPoint,
-             scale_floor: float) -> Dict:
+def describe(points: Sequence[GridPoint], chosen: GridPoint) -> Dict:
   """The stage head record's "probe" field (report.json)."""
   return {"grid": [dataclasses.asdict(p) for p in points],
           "chosen": dataclasses.asdict(chosen),
           "chosen_on": ("val_accuracy" if chosen.val_accuracy is not None
                         else f"no validation split: C={DEFAULT_C:g}"),
-          "scale_floor": scale_floor}
+          "scale_floor": SCALE_FLOOR}
 
 
 def log_choice(points: Sequence[GridPoint], chosen: GridPoint) -> None:
