@@ -150,6 +150,45 @@ def test_stage_plan_maps_epochs_to_stages():
   assert stages.block_of("conv1_conv") is None
 
 
+@pytest.mark.parametrize("steps_per_epoch,epochs", [
+    (4, 40), (7, 23), (8, 20), (16, 10), (100, 10)])
+def test_finetune_runs_the_epochs_or_the_min_steps_whichever_is_more(
+    steps_per_epoch, epochs):
+  """README: stage finetune trains max(--finetune_epochs,
+  ceil(--finetune_min_steps / steps per epoch)) epochs."""
+  from tf_finetune.config import Config
+  config = Config(workdir="w", finetune_epochs=10, finetune_min_steps=160)
+  plan = stages.StagePlan.from_config(config, steps_per_epoch=steps_per_epoch)
+  assert plan.finetune_epochs == epochs
+  assert plan.head_epochs == config.head_epochs
+  assert plan.total_epochs == config.head_epochs + epochs
+
+
+def test_no_stage_finetune_stays_none_whatever_the_min_steps():
+  from tf_finetune.config import Config
+  config = Config(workdir="w", finetune_epochs=0, finetune_min_steps=160)
+  assert stages.StagePlan.from_config(config, steps_per_epoch=4
+                                      ).finetune_epochs == 0
+
+
+def test_warmup_and_decay_span_the_planned_finetune_steps():
+  """With 4 steps an epoch, 160 min steps plan 40 epochs: the rate warms up
+  over the first 10% (16 steps), peaks, and decays to zero at step 160."""
+  from tf_finetune.config import Config
+  config = Config(workdir="w", finetune_epochs=10, finetune_min_steps=160,
+                  finetune_learning_rate=1e-4, warmup_fraction=0.1,
+                  lr_schedule="cosine")
+  schedule = stages.StagePlan.from_config(
+      config, steps_per_epoch=4).schedule_of(stages.FINETUNE)
+  rate = lambda step: float(schedule(step))
+  assert rate(0) == 0.0
+  assert rate(8) == pytest.approx(0.5e-4, rel=1e-5)
+  assert rate(16) == pytest.approx(1e-4, rel=1e-5)
+  assert rate(16 + 72) == pytest.approx(0.5e-4, rel=1e-4)
+  assert rate(159) == pytest.approx(0.0, abs=1e-7) and rate(159) > 0
+  assert rate(160) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_base_config_states_the_default_recipe():
   """configs/base.cfg spells out the recipe; it must be the defaults'."""
   import os
@@ -161,7 +200,8 @@ def test_base_config_states_the_default_recipe():
                  if line.startswith("--") and "=" in line)
   defaults = Config(workdir="w")
   for name in ("head_epochs", "head_learning_rate", "finetune_epochs",
-               "finetune_learning_rate", "unfreeze_blocks", "lr_schedule",
+               "finetune_min_steps", "finetune_learning_rate",
+               "unfreeze_blocks", "lr_schedule",
                "warmup_fraction", "dropout", "label_smoothing"):
     value = getattr(defaults, name)
     assert type(value)(flags[name]) == value, name

@@ -122,7 +122,13 @@ class Config:
   backbone: str = setting("resnet50", "Backbone.", choices=BACKBONES)
   head_epochs: int = setting(50, "Epochs of stage head.")
   head_learning_rate: float = setting(1e-3, "Learning rate of stage head.")
-  finetune_epochs: int = setting(10, "Epochs of stage finetune.")
+  finetune_epochs: int = setting(
+      10, "Epochs of stage finetune, raised on small data to reach "
+      "--finetune_min_steps.")
+  finetune_min_steps: int = setting(
+      0, "Fewest training steps of stage finetune: --finetune_epochs grows "
+      "to ceil(N / steps per epoch) when that is more (0: exactly "
+      "--finetune_epochs).")
   finetune_learning_rate: float = setting(
       1e-4, "Learning rate of stage finetune.")
   unfreeze_blocks: int = setting(
@@ -259,7 +265,7 @@ class Config:
            "be left to train on.")
     _check(self.weights != "", "--weights: expected 'imagenet', 'none' or a "
            "path to a .weights.h5 file.")
-    for name in ("head_epochs", "finetune_epochs"):
+    for name in ("head_epochs", "finetune_epochs", "finetune_min_steps"):
       _check(getattr(self, name) >= 0, f"--{name}: must be >= 0.")
     _check(self.total_epochs >= 1,
            "--head_epochs plus --finetune_epochs must be at least 1.")

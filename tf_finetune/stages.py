@@ -19,6 +19,7 @@ distribution strategy scope so the new optimizer's variables are mirrored.
 """
 
 import dataclasses
+import math
 import re
 import time
 from typing import Dict, List, Optional
@@ -55,7 +56,9 @@ class StagePlan:
                   steps_per_epoch: int = 1) -> "StagePlan":
     """`jit_compile` is the resolved `--jit_compile` (speed.resolve_switches);
     `steps_per_epoch` the training batches per epoch (for the schedules)."""
-    return cls(config.head_epochs, config.finetune_epochs,
+    return cls(config.head_epochs,
+               finetune_epochs(config.finetune_epochs,
+                               config.finetune_min_steps, steps_per_epoch),
                config.head_learning_rate, config.finetune_learning_rate,
                config.unfreeze_blocks, config.label_smoothing, jit_compile,
                steps_per_epoch, config.lr_schedule, config.warmup_fraction)
@@ -102,6 +105,20 @@ class StagePlan:
     if stage == HEAD or self.unfreeze_blocks == 0:
       return ()
     return RESNET50_BLOCKS[-self.unfreeze_blocks:]
+
+
+def finetune_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+  """Epochs of stage finetune: `epochs`, or enough to take `min_steps` steps.
+
+  A step budget rather than an epoch count on small data follows BiT's
+  HyperRule (Kolesnikov et al., 2020, section 3.3): a fixed number of steps
+  below some data size, growing with the data above it, because a few
+  hundred images give too few steps per epoch for the pretrained blocks to
+  settle. No stage finetune (`epochs` 0) stays none.
+  """
+  if epochs == 0:
+    return 0
+  return max(epochs, math.ceil(min_steps / max(steps_per_epoch, 1)))
 
 
 def block_of(layer_name: str) -> Optional[str]:

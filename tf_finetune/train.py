@@ -162,6 +162,11 @@ def set_up_run(config: Config, strategy, build_fn=build_model,
       config, switches.jit_compile,
       fit_plan.count_steps(datasets.num_examples["train"],
                               config.batch_size))
+  if plan.finetune_epochs != config.finetune_epochs:
+    logging.info("Stage finetune: %d epochs of %d steps, to reach "
+                 "--finetune_min_steps=%d (--finetune_epochs=%d).",
+                 plan.finetune_epochs, plan.steps_per_epoch,
+                 config.finetune_min_steps, config.finetune_epochs)
   with strategy.scope(), speed.dtype_policy(switches.mixed_precision):
     model = build_fn(len(datasets.class_names), config.image_size,
                      config.weights, config.dropout, seed)
@@ -284,7 +289,7 @@ def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
   callbacks = [*training_logs.create_logging_callbacks(
                    config.workdir, append=resume is not None),
                *extra_callbacks, checkpointer,
-               training_logs.EpochProgress(config.total_epochs)]
+               training_logs.EpochProgress(run.plan.total_epochs)]
   with checkpointer.catch_stop_signals():
     fit_stages(run, stage_callback, best, callbacks, resume)
 
