@@ -72,8 +72,8 @@ def tiny_datasets():
 
 def tiny_config(workdir, **overrides):
   values = dict(workdir=str(workdir), weights="none", head_epochs=1,
-                finetune_epochs=2, head_learning_rate=1e-2,
-                finetune_learning_rate=1e-3, unfreeze_blocks=1,
+                finetune_epochs=2, finetune_min_steps=0,
+                head_learning_rate=1e-2, finetune_learning_rate=1e-3, unfreeze_blocks=1,
                 batch_size=TINY_BATCH, save_every_steps=1)
   values.update(overrides)
   return config_lib.Config(**values).validate()

@@ -22,7 +22,8 @@ SLOW_FIXTURES = ("ram_run",)
 
 # configs/smoke.cfg, with the flags this test is about.
 SMOKE = dict(dataset="demo", weights="none", image_size=32, batch_size=16,
-             head_epochs=1, finetune_epochs=1, unfreeze_blocks=1,
+             head_epochs=1, finetune_epochs=1, finetune_min_steps=0,
+             unfreeze_blocks=1,
              finetune_learning_rate=1e-4, augment=("flip",),
              test_fraction=0.1)
 

@@ -89,7 +89,8 @@ def make_config(images, workdir, **overrides):
   values = dict(
       workdir=str(workdir), mode="tune", dataset=f"folder:{images}",
       image_size=32, batch_size=8, val_fraction=0.34, test_fraction=0.0,
-      weights="none", head_epochs=1, finetune_epochs=1, augment=("flip",),
+      weights="none", head_epochs=1, finetune_epochs=1, finetune_min_steps=0,
+      augment=("flip",),
       search_unfreeze_blocks="0:1", search_finetune_learning_rate="1e-4:1e-2",
       max_trials=2)
   values.update(overrides)

@@ -126,7 +126,7 @@ class Config:
       10, "Epochs of stage finetune, raised on small data to reach "
       "--finetune_min_steps.")
   finetune_min_steps: int = setting(
-      0, "Fewest training steps of stage finetune: --finetune_epochs grows "
+      320, "Fewest training steps of stage finetune: --finetune_epochs grows "
       "to ceil(N / steps per epoch) when that is more (0: exactly "
       "--finetune_epochs).")
   finetune_learning_rate: float = setting(

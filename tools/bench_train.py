@@ -77,6 +77,7 @@ def make_config(dataset: str, workdir: str) -> config_lib.Config:
       workdir=workdir, dataset=dataset, image_size=FLAGS.image_size,
       batch_size=FLAGS.batch_size, weights=FLAGS.weights,
       head_epochs=FLAGS.head_epochs, finetune_epochs=FLAGS.finetune_epochs,
+      finetune_min_steps=0,
       head_learning_rate=FLAGS.head_learning_rate,
       finetune_learning_rate=FLAGS.finetune_learning_rate,
       unfreeze_blocks=FLAGS.unfreeze_blocks, test_fraction=0.0,
