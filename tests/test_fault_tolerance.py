@@ -11,6 +11,7 @@ the same `train.start_stages` / `train.fit_remaining` code.
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,6 +274,36 @@ def test_nan_loss_stops_naming_stage_epoch_step_and_keeps_checkpoint(tmp_path):
   train.start_stages(run, state)
   assert all(np.isfinite(v.numpy()).all() for v in run.model.weights)
   assert not os.path.exists(tmp_path / "report.json")
+
+
+FORMAT1_CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data",
+                                   "checkpoints_format1")
+
+
+def test_checkpoints_of_pointer_format_1_resume(tmp_path):
+  """Checkpoints of a tiny run (head on cached features with the probe,
+  killed twice in stage finetune) read, write back and resume unchanged."""
+  folder = tmp_path / "checkpoints"
+  shutil.copytree(FORMAT1_CHECKPOINTS, folder)
+  with open(folder / checkpoints.POINTER_FILE) as f:
+    pointer = json.load(f)
+  config = tiny_config(tmp_path, head_epochs=2, finetune_epochs=2)
+  state = workdir_lib.check_workdir(config)
+  assert {"format": 1, **state.to_json()} == pointer
+  head, finetune = state.records
+  assert (head.name, head.input, head.images) == ("head", "cached_features",
+                                                 28)
+  assert head.probe == pointer["records"][0]["probe"]
+  assert finetune.resumed_at == [{"epoch": 2, "step": 1}]
+  assert state.best.kept.stage == state.best.stage_started == "finetune"
+  model, callback = run_tiny(config, resume=state)
+  reports = callback.stage_reports()
+  assert [len(r["history"]["loss"]) for r in reports] == [2, 2]
+  assert reports[1]["resumed_at"] == [{"epoch": 2, "step": 1},
+                                      {"epoch": 3, "step": 1}]
+  assert reports[1]["seconds"] > pointer["records"][1]["_elapsed"]
+  assert "_elapsed" not in reports[1] and "probe" in reports[0]
+  assert all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
 def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):

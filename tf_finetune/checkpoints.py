@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import files, stages, stop_signals
+from tf_finetune import files, selection, stages, stop_signals
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
@@ -78,14 +78,31 @@ class TrainingState:
   epoch: int
   step: int
   stage: str
-  records: List[Dict]
+  records: List[stages.StageRecord]
   file: str
   num_optimizer_variables: int
   fingerprint: Dict
   run_id: str = ""
-  best: Optional[Dict] = None
+  best: Optional[selection.KeptState] = None
   best_file: Optional[str] = None
   seed_states: Optional[List[List[int]]] = None
+
+  def to_json(self) -> Dict:
+    """The pointer's fields, as JSON values."""
+    payload = dataclasses.asdict(self)
+    payload["records"] = [r.to_state() for r in self.records]
+    payload["best"] = None if self.best is None else self.best.to_json()
+    return payload
+
+  @classmethod
+  def from_json(cls, payload: Dict) -> "TrainingState":
+    """Reads `to_json`'s values; raises KeyError, TypeError on others."""
+    payload = dict(payload)
+    payload["records"] = [stages.StageRecord.from_state(r)
+                          for r in payload["records"]]
+    if payload.get("best") is not None:
+      payload["best"] = selection.KeptState.from_json(payload["best"])
+    return cls(**payload)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -102,8 +119,8 @@ def read_state(workdir: str) -> Optional[TrainingState]:
     if payload.get("format") != _FORMAT:
       raise ValueError(f"unknown format {payload.get('format')!r}")
     payload.pop("format")
-    return TrainingState(**payload)
-  except (ValueError, TypeError, AttributeError) as e:
+    return TrainingState.from_json(payload)
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
     raise UserError(f"--workdir={workdir!r}: {path} is not a checkpoint "
                     f"pointer this version can read ({e}). Pass --fresh to "
                     "delete the checkpoints and start over.") from e
@@ -284,7 +301,7 @@ class Checkpointer(keras.callbacks.Callback):
         best_file=self._best_file,
         seed_states=model_lib.seed_states(self.model))
     files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
-                            {"format": _FORMAT, **dataclasses.asdict(state)},
+                            {"format": _FORMAT, **state.to_json()},
                             indent=1)
     self._remove_other_files(name, self._best_file)
 

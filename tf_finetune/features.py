@@ -207,8 +207,8 @@ class CachedHeadStage:
     Returns:
       The stage record's "probe" field.
     """
-    resumed = next((r.get("probe") for r in self.stage_callback.records
-                    if r["name"] == stages.HEAD), None)
+    resumed = next((r.probe for r in self.stage_callback.records
+                    if r.name == stages.HEAD), None)
     if resumed is not None:
       return resumed
     mean, scale = probe.feature_moments([v.dataset() for v in self.views])

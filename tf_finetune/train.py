@@ -94,14 +94,14 @@ def _train(config: Config, strategy,
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
       skipped_files=datasets.skipped_files,
-      stages=stage_callback.stage_reports(),
+      stages=stage_callback.records,
       val_accuracy=scores["val"]["accuracy"],
       test_accuracy=scores["test"]["accuracy"] if "test" in scores else None,
       export_path=export_path,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started,
       speed=run.switches.describe(),
-      kept=describe_kept(best),
+      kept=best.best,
       calibration=calibrated,
       class_weighting=run.class_weighting.describe(), recalls=scores)
   path = report.write_report(config.workdir, result)
@@ -255,12 +255,6 @@ def describe_fold(record: Dict) -> str:
 def objective_direction(objective: str) -> str:
   """"min" for a loss, else "max"."""
   return "min" if objective.endswith("loss") else "max"
-
-
-def describe_kept(best: selection.BestWeights) -> Optional[Dict]:
-  """report.json's "kept": the stage and 0-based epoch whose weights the run
-  kept, and their objective; None when no epoch was validated."""
-  return None if best.best is None else dict(best.best)
 
 
 def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,

@@ -186,7 +186,7 @@ def kept_metrics(stage_callback: stages.TwoStageCallback,
   if best.best is None:
     return {name: values[-1] for name, values
             in records[-1]["history"].items()}
-  stage, epoch = best.best["stage"], best.best["epoch"]
+  stage, epoch = best.best.stage, best.best.epoch
   index = epoch - (plan.head_epochs if stage == stages.FINETUNE else 0)
   record = next(r for r in records if r["name"] == stage)
   return {name: values[index] for name, values in record["history"].items()}
