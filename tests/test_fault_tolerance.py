@@ -25,8 +25,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import another_value, write_backbone_weights
-from tf_finetune import checkpoints, config as config_lib, data, report
-from tf_finetune import fit_plan, stages, stop_signals, train, training_logs
+from tf_finetune import checkpoints, config as config_lib, data, export, report
+from tf_finetune import fit_plan, saved_models, stages, stop_signals, train
+from tf_finetune import training_logs
 from tf_finetune import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -516,7 +517,7 @@ REPORT_CRASH = textwrap.dedent("""
 MODEL_CRASH = textwrap.dedent("""
     import os, signal, sys
     import keras
-    from tf_finetune import train
+    from tf_finetune import saved_models
 
     class DiesMidway(keras.layers.Layer):  # saved after the Dense layer
       def call(self, x):
@@ -527,7 +528,7 @@ MODEL_CRASH = textwrap.dedent("""
 
     inputs = keras.Input((4,))
     outputs = DiesMidway()(keras.layers.Dense(256)(inputs))
-    train.save_model_atomic(keras.Model(inputs, outputs), sys.argv[1])
+    saved_models.save_model_atomic(keras.Model(inputs, outputs), sys.argv[1])
 """)
 
 
@@ -557,13 +558,13 @@ def test_crash_while_writing_model_keras_keeps_the_previous_one(tmp_path):
   path = tmp_path / "model.keras"
   inputs = keras.Input((4,))
   previous = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-  train.save_model_atomic(previous, str(path))
+  saved_models.save_model_atomic(previous, str(path))
   with open(path, "rb") as f:
     before = f.read()
   crash_while_writing(MODEL_CRASH, path)
   with open(path, "rb") as f:
     assert f.read() == before
-  loaded = train.load_model_safely(str(path))
+  loaded = saved_models.load_model_safely(str(path))
   np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(),
                                 previous.layers[-1].kernel.numpy())
 
@@ -579,7 +580,7 @@ def test_keras_file_with_a_lambda_layer_is_refused(tmp_path):
     json.dump({"class_names": ["a", "b", "c", "d"]}, f)
   config = config_lib.Config(workdir=str(tmp_path), mode="export").validate()
   with pytest.raises(config_lib.UserError) as raised:
-    train.run_export(config)
+    export.run_export(config)
   message = str(raised.value)
   assert str(tmp_path / "model.keras") in message
   assert "Lambda" in message and "safe_mode" in message
@@ -795,7 +796,7 @@ def test_frozen_layers_are_bit_identical_to_the_loaded_weights(
     killed_and_resumed, weights_file):
   workdir, _ = killed_and_resumed
   _, loaded = weights_file
-  model = train.load_trained_model(workdir)
+  model = saved_models.load_trained_model(workdir)
   final = backbone_values(model.get_layer("backbone"))
   assert final.keys() == loaded.keys()
   changed = {k for k in loaded if not np.array_equal(loaded[k], final[k])}
@@ -877,8 +878,8 @@ def test_a_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
   assert state.stage == "finetune" and state.step > 0  # mid-epoch
   position = checkpoints.describe_position(state.epoch, state.step, 3)
   assert f"{position} (stage 'finetune')" in err
-  expected = train.load_trained_model(straight).weights
-  actual = train.load_trained_model(stopped).weights
+  expected = saved_models.load_trained_model(straight).weights
+  actual = saved_models.load_trained_model(stopped).weights
   assert [v.path for v in actual] == [v.path for v in expected]
   for resumed, uninterrupted in zip(actual, expected):
     np.testing.assert_array_equal(resumed.numpy(), uninterrupted.numpy(),

@@ -14,7 +14,7 @@ import tensorflow as tf
 import image_cases
 from conftest import run_cli
 from test_export import CLASS_NAMES, SIZE, build_tiny_model, make_images
-from tf_finetune import data, decode, export, folder_source, predict, train
+from tf_finetune import decode, export, file_check, predict, saved_models
 from tf_finetune.config import Config, UserError
 
 
@@ -47,7 +47,7 @@ def predict_config(tmp_path, inputs, export_root):
 
 
 def expected_top2(model, paths):
-  pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
+  pixels = np.stack([decode.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
                      for p in paths])
   probabilities = model.predict(pixels, verbose=0)
   top = np.argsort(-probabilities, axis=-1)[:, :2]
@@ -102,7 +102,7 @@ def test_a_bad_file_the_check_missed_fails_alone(tiny_export, tmp_path,
   # fails on it must not take its batch mates down.
   model, root = tiny_export
   good = write_inputs(str(tmp_path / "in"), make_images(3, seed=4))
-  monkeypatch.setattr(folder_source, "find_undecodable",
+  monkeypatch.setattr(file_check, "find_undecodable",
                       lambda paths, **unused: {})
   result = predict.run_prediction(
       predict_config(tmp_path, str(tmp_path / "in"), root))
@@ -158,10 +158,10 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
   assert [s["file"] for s in predictions["skipped_files"]] == [
       str(folder / "broken.png")]
   # What the served model says equals the Keras model on the same pixels.
-  model = train.load_model_safely(os.path.join(workdir, "model.keras"))
+  model = saved_models.load_model_safely(os.path.join(workdir, "model.keras"))
   with open(os.path.join(workdir, "report.json")) as f:
     names = json.load(f)["class_names"]
-  pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), 32).numpy()
+  pixels = np.stack([decode.decode_and_resize(tf.io.read_file(p), 32).numpy()
                      for p in good])
   probabilities = model.predict(pixels, verbose=0)
   for entry, row in zip(predictions["predictions"], probabilities):
@@ -205,8 +205,8 @@ def test_an_image_above_the_exports_pixel_limit_is_refused(tiny_export,
   config = dataclasses.replace(
       predict_config(tmp_path, str(tmp_path / "in"), root),
       max_image_pixels=0)
-  for check in (folder_source.find_undecodable, lambda paths, **unused: {}):
-    monkeypatch.setattr(folder_source, "find_undecodable", check)
+  for check in (file_check.find_undecodable, lambda paths, **unused: {}):
+    monkeypatch.setattr(file_check, "find_undecodable", check)
     result = predict.run_prediction(config)
     check_predictions(result, model, good)
     skipped = {os.path.basename(s["file"]): s["reason"]

@@ -48,11 +48,6 @@ CACHE_BUDGET_BYTES = 1 << 30
 # happens on undecoded records, before decoding.
 RECORD_SHUFFLE_BUFFER = 10_000
 
-ensure_demo_dataset = demo_data.ensure_demo_dataset
-# The one decoder of training, checking and serving (export.py uses it).
-decode_and_resize = decode.decode_and_resize
-resize_image = decode.resize_image
-
 
 @dataclasses.dataclass
 class Datasets:
@@ -103,7 +98,7 @@ def create_datasets(config: Config) -> Datasets:
       class, or a split would be empty.
   """
   if config.dataset == "demo":
-    return _folder_datasets(ensure_demo_dataset(config.data_dir), config)
+    return _folder_datasets(demo_data.ensure_demo_dataset(config.data_dir), config)
   scheme, _, rest = config.dataset.partition(":")
   if scheme == "folder" and rest:
     return _folder_datasets(rest, config)
@@ -284,8 +279,8 @@ def _file_records(files: Sequence[Tuple[str, int]], config: Config):
       (list(paths), tf.constant(labels, tf.int32)))
 
   def load(path, label):
-    return decode_and_resize(tf.io.read_file(path), config.image_size,
-                             config.max_image_pixels), label
+    return decode.decode_and_resize(tf.io.read_file(path), config.image_size,
+                                    config.max_image_pixels), label
 
   return records, load
 
@@ -301,7 +296,7 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   builder = _prepare_tfds_builder(tfds, name, version or None, config.data_dir)
   image_key, label_key = _tfds_feature_keys(builder.info, name)
   image_feature = builder.info.features[image_key]
-  # Encoded (PNG/JPEG) images are decoded by decode_and_resize, like files
+  # Encoded (PNG/JPEG) images are decoded by decode.decode_and_resize, like files
   # and like the serving graph: same pixels, 16-bit PNGs scaled to 8 bits,
   # large JPEGs decoded at reduced scale.
   encoded = image_feature.np_dtype in (np.uint8, np.uint16)
@@ -312,12 +307,12 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   def load(example):
     label = tf.cast(example[label_key], tf.int32)
     if encoded:
-      return decode_and_resize(example[image_key], config.image_size,
-                               config.max_image_pixels), label
+      return decode.decode_and_resize(example[image_key], config.image_size,
+                                      config.max_image_pixels), label
     image = example[image_key]
     if channels == 1:
       image = tf.image.grayscale_to_rgb(image)
-    return resize_image(tf.cast(image, tf.uint8), config.image_size), label
+    return decode.resize_image(tf.cast(image, tf.uint8), config.image_size), label
 
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}

@@ -67,8 +67,6 @@ _SIGNATURES = (
       for brand in (b"heic", b"heix", b"mif1", b"avif")),
 )
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
-# --max_image_pixels' default, Pillow's.
-DEFAULT_MAX_PIXELS = config.DEFAULT_MAX_IMAGE_PIXELS
 # Starts the message of a refused image (and file_check's reason).
 TOO_LARGE = "image too large to decode"
 # The smallest JPEG header libjpeg reads a size from (1 x 1: start of
@@ -108,8 +106,9 @@ _GIF_MAX_STEPS = 20_000
 _JPEG_RATIOS = (8, 4, 2, 1)
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+def decode_and_resize(
+    image_bytes: tf.Tensor, image_size: int,
+    max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
   """Decodes one encoded image to uint8 [S, S, 3] (see the module docstring).
 
   Args:
@@ -126,8 +125,9 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int,
                                    max_pixels=max_pixels), image_size)
 
 
-def decode_image(image_bytes: tf.Tensor, min_size: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+def decode_image(
+    image_bytes: tf.Tensor, min_size: int = 0,
+    max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
   """Decodes one encoded image to uint8 [H, W, 3], choosing by content.
 
   Args:

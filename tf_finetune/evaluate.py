@@ -24,7 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (calibration, data, export, files, litert, plots,
-                         predict, report, train)
+                         predict, report, saved_models)
 from tf_finetune.config import Config, UserError
 
 EVALUATION_FILE = "evaluation.json"
@@ -49,7 +49,7 @@ def run_evaluation(config: Config) -> Dict:
   """
   if config.runtime != "tensorflow":
     return run_litert_evaluation(config)
-  model = train.load_trained_model(config.workdir)
+  model = saved_models.load_trained_model(config.workdir)
   datasets = data.create_datasets(config)
   _check_classes(model, datasets.class_names, config.workdir)
   split = "test" if datasets.test is not None else "val"

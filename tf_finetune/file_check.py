@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import decode, files
+from tf_finetune import config, decode, files
 
 # The check decodes at this side: a JPEG of 8x this or more is then decoded
 # at 1/8 scale, by the same code path as training.
@@ -44,7 +44,7 @@ _CACHE_VERSION = f"decode-v2/tf-{tf.__version__}"
 
 def find_undecodable(paths: Sequence[str], progress: Optional[bool] = None,
                      cache_file: str = "",
-                     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+                     max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS
                      ) -> Dict[str, str]:
   """Finds the files that `decode.decode_and_resize` cannot decode.
 
@@ -122,7 +122,7 @@ def _check(paths: Sequence[str], progress: Optional[bool],
 
 
 def describe_failure(path: str,
-                     max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> str:
+                     max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> str:
   """One line saying why `path` cannot be decoded (with the pixel limit
   `max_pixels`)."""
   try:

@@ -38,7 +38,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
 # in fact a decodable format), so that the user learns they were left out.
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl",
                           ".jp2")
-find_undecodable = file_check.find_undecodable
 # Folder names accepted for each split of an explicit split level.
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"),
                   "test": ("test",)}
@@ -67,7 +66,7 @@ def list_folder_splits(root: str, config: Config):
   class_names = _list_class_names(split_dirs["train"])
   found = {split: _list_split_files(folder, class_names, split_dirs["train"])
            for split, folder in split_dirs.items()}
-  bad = find_undecodable(
+  bad = file_check.find_undecodable(
       [path for per_class in found.values()
        for paths in per_class.values() for path in paths],
       cache_file=file_check.cache_file_for(root, config.data_dir),

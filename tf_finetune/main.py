@@ -107,7 +107,8 @@ def main(argv):
         print(format_litert_comparison(result["litert"]))
       print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
-      print(f"export: {train.run_export(config)}")
+      from tf_finetune import export
+      print(f"export: {export.run_export(config)}")
     elif config.mode == "predict":
       from tf_finetune import predict
       print_predictions(predict.run_prediction(config), config.workdir)

@@ -62,7 +62,7 @@ class ImageNetPreprocess(keras.layers.Layer):
   The preprocessing of models saved by earlier versions of this package
   (`build_model` now uses `preprocess_images`). Kept registered so that
   their `model.keras` files still load through the package, e.g. with
-  `train.load_model_safely`.
+  `saved_models.load_model_safely`.
   """
 
   def __init__(self, mode: str = "caffe", **kwargs):

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, decode, export, files, folder_source, litert
+from tf_finetune import decode, export, file_check, files, folder_source, litert
 from tf_finetune.config import Config, UserError
 
 PREDICTIONS_FILE = "predictions.json"
@@ -53,9 +53,9 @@ def run_prediction(config: Config) -> Dict:
         litert.TFLiteClassifier(model_path), litert.read_labels(version_path),
         export.read_metadata(version_path)["top_k"])
   # Checked with the decoder and the pixel limit the serving graph runs
-  # (data.decode_and_resize), so one bad file does not fail the batch it
+  # (decode.decode_and_resize), so one bad file does not fail the batch it
   # would be in, and an oversized one is not decoded here either.
-  skipped = folder_source.find_undecodable(
+  skipped = file_check.find_undecodable(
       paths, max_pixels=served_pixel_limit(version_path, config))
   usable = [path for path in paths if path not in skipped]
   predictions, failed = classify_files(serve, usable, config.batch_size)
@@ -145,7 +145,7 @@ def tflite_serving_function(classifier: litert.TFLiteClassifier,
   """A LiteRT model called as the export's serving_default is:
   image_bytes -> {"classes", "scores"}, the top K.
 
-  Decoding and resizing are the serving graph's (`data.decode_and_resize`),
+  Decoding and resizing are the serving graph's (`decode.decode_and_resize`),
   run by TensorFlow here as a phone app would run its own decoder.
   """
   names = tf.constant(list(class_names), dtype=tf.string)
@@ -153,7 +153,7 @@ def tflite_serving_function(classifier: litert.TFLiteClassifier,
 
   def serve(image_bytes):
     images = np.stack([
-        data.decode_and_resize(one, classifier.image_size).numpy()
+        decode.decode_and_resize(one, classifier.image_size).numpy()
         for one in tf.unstack(image_bytes)])
     scores, indices = tf.math.top_k(classifier(images), k=k)
     return {"classes": tf.gather(names, indices), "scores": scores}

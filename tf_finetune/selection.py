@@ -75,6 +75,11 @@ class KeptState:
     return cls(KeptEpoch(**entry), stage_started)
 
 
+def objective_direction(objective: str) -> str:
+  """"min" for a loss, else "max"."""
+  return "min" if objective.endswith("loss") else "max"
+
+
 class BestWeights(keras.callbacks.Callback):
   """Keeps the best epoch's weights and restores them at each stage end.
 
