@@ -86,9 +86,11 @@ def test_bad_files_are_reported_per_file(tiny_export, tmp_path):
   config = predict_config(tmp_path, str(tmp_path / "in"), root)
   result = predict.run_prediction(config)
   check_predictions(result, model, good)
-  skipped = {os.path.basename(s["file"]): s["reason"]
+  skipped = {os.path.basename(s["path"]): s["reason"]
              for s in result["skipped_files"]}
   assert set(skipped) == {"corrupt.jpg", "empty.png"}
+  # "file", deprecated, repeats "path" for one release.
+  assert all(s["file"] == s["path"] for s in result["skipped_files"])
   assert skipped["corrupt.jpg"].startswith("undecodable JPEG")
   assert skipped["empty.png"] == "empty file (0 bytes)"
   assert result["export_path"] == os.path.join(root, "1")
@@ -107,7 +109,7 @@ def test_a_bad_file_the_check_missed_fails_alone(tiny_export, tmp_path,
   result = predict.run_prediction(
       predict_config(tmp_path, str(tmp_path / "in"), root))
   check_predictions(result, model, good)
-  reasons = {os.path.basename(s["file"]): s["reason"]
+  reasons = {os.path.basename(s["path"]): s["reason"]
              for s in result["skipped_files"]}
   assert set(reasons) == {"corrupt.jpg", "empty.png"}
   for reason in reasons.values():
@@ -155,7 +157,7 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
       os.path.join(workdir, "export"))
   good = sorted(str(folder / os.path.basename(s)) for s in sources)
   assert [p["file"] for p in predictions["predictions"]] == good
-  assert [s["file"] for s in predictions["skipped_files"]] == [
+  assert [s["path"] for s in predictions["skipped_files"]] == [
       str(folder / "broken.png")]
   # What the served model says equals the Keras model on the same pixels.
   model = saved_models.load_model_safely(os.path.join(workdir, "model.keras"))
@@ -209,6 +211,6 @@ def test_an_image_above_the_exports_pixel_limit_is_refused(tiny_export,
     monkeypatch.setattr(file_check, "find_undecodable", check)
     result = predict.run_prediction(config)
     check_predictions(result, model, good)
-    skipped = {os.path.basename(s["file"]): s["reason"]
+    skipped = {os.path.basename(s["path"]): s["reason"]
                for s in result["skipped_files"]}
     assert skipped["huge.png"] == reason

@@ -145,7 +145,7 @@ def remove_checkpoints(workdir: str) -> None:
   files.remove_tree(folder)
 
 
-def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
+def restore(model: keras.Model, plan: stages.StagePlan, resume: TrainingState,
             folder: str) -> None:
   """Puts `model` in the saved stage, then loads weights and optimizer from
   the checkpoint `folder`.
@@ -154,15 +154,15 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
   variables before its saved variables can be loaded, because a Keras 3
   optimizer refuses variables it was not built with (ARCHITECTURE.md).
   """
-  stages.apply_stage(model, plan, state.stage)
+  stages.apply_stage(model, plan, resume.stage)
   num_variables = len(model.optimizer.variables)
-  if num_variables != state.num_optimizer_variables:
+  if num_variables != resume.num_optimizer_variables:
     raise UserError(
         f"{folder}: the checkpoint's optimizer has "
-        f"{state.num_optimizer_variables} variables, the model's optimizer "
-        f"in stage {state.stage!r} has {num_variables}: it was written by "
+        f"{resume.num_optimizer_variables} variables, the model's optimizer "
+        f"in stage {resume.stage!r} has {num_variables}: it was written by "
         "another version of tf_finetune. Pass --fresh to start over.")
-  path = os.path.join(folder, state.file)
+  path = os.path.join(folder, resume.file)
   try:
     model.load_weights(path)
   except Exception as e:  # h5py OSError, Keras ValueError: all "unusable".
@@ -170,17 +170,17 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
         f"Cannot load the checkpoint {path} "
         f"({type(e).__name__}: {str(e).strip()[:300]}). Pass --fresh to "
         "start over.") from e
-  if state.seed_states is not None:
-    model_lib.restore_seed_states(model, state.seed_states)
+  if resume.seed_states is not None:
+    model_lib.restore_seed_states(model, resume.seed_states)
   logging.info("Resuming from %s, %s (stage %r).", path,
-               describe_position(state.epoch, state.step, plan.total_epochs),
-               state.stage)
+               describe_position(resume.epoch, resume.step, plan.total_epochs),
+               resume.stage)
 
 
-def restore_best(best, state: TrainingState, folder: str) -> None:
+def restore_best(best, resume: TrainingState, folder: str) -> None:
   """Gives a `selection.BestWeights` the best epoch of the checkpoint."""
-  best.load(state.best, state.best_file and os.path.join(folder,
-                                                         state.best_file))
+  best.load(resume.best, resume.best_file and os.path.join(
+      folder, resume.best_file))
 
 
 def describe_position(epoch: int, step: int, total_epochs: int) -> str:
@@ -215,7 +215,7 @@ class Checkpointer(keras.callbacks.Callback):
     config: the run's Config (for the fingerprint and save_every_steps).
     stage_callback: whose records go into each checkpoint.
     steps_per_epoch: training batches per epoch.
-    start: the state being resumed from, or None.
+    resume: the checkpoint's state being resumed from, or None.
     model: the model to save; None: the model being fit. Stage head on
       cached features fits a head model that shares the full model's layers
       and optimizer (features.py); the checkpoint must hold the full model.
@@ -228,13 +228,13 @@ class Checkpointer(keras.callbacks.Callback):
 
   def __init__(self, workdir: str, config: Config,
                stage_callback: stages.TwoStageCallback, steps_per_epoch: int,
-               start: Optional[TrainingState] = None,
+               resume: Optional[TrainingState] = None,
                model: Optional[keras.Model] = None,
                unsaved_epochs: Sequence[int] = (), best=None):
     super().__init__()
     self._saved_model = model
     self.best = best
-    self._best_file = start.best_file if start else None
+    self._best_file = resume.best_file if resume else None
     self._best_id = best.snapshot_id() if best is not None else None
     self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
@@ -244,10 +244,11 @@ class Checkpointer(keras.callbacks.Callback):
     self.stage_callback = stage_callback
     self.plan = stage_callback.plan
     self.steps_per_epoch = steps_per_epoch
-    self._pending_offset = start.step if start else 0
+    self._pending_offset = resume.step if resume else 0
     self._offset = 0
-    self._epoch = start.epoch if start else 0
-    self.run_id = start.run_id if start and start.run_id else uuid.uuid4().hex
+    self._epoch = resume.epoch if resume else 0
+    self.run_id = (resume.run_id if resume and resume.run_id
+                   else uuid.uuid4().hex)
     self.stop_signal: Optional[int] = None
 
   def set_model(self, model):

@@ -1,4 +1,4 @@
-"""Input stage: image sources -> decoded, resized uint8 batches via tf.data.
+"""Input pipelines: image sources -> decoded, resized uint8 batches via tf.data.
 
 Sources (`--dataset`):
 

@@ -1,4 +1,4 @@
-"""Distribution stage: the tf.distribute strategy a run trains under.
+"""Distribution: the tf.distribute strategy a run trains under.
 
 `--strategy` (with `TF_CONFIG` for several machines):
 

@@ -1,4 +1,4 @@
-"""Evaluation stage (`--mode=evaluate`): the trained model on held-out data.
+"""Evaluation (`--mode=evaluate`): the trained model on held-out data.
 
 Loads WORKDIR/model.keras, runs it over the test split (else the validation
 split) of `--dataset`, and writes WORKDIR/evaluation.json (accuracy, top-5

@@ -1,4 +1,4 @@
-"""Export stage: a versioned SavedModel that TF Serving serves as is.
+"""Export: a versioned SavedModel that TF Serving serves as is.
 
 Layout (TF Serving's): `EXPORT_ROOT/<version>/`, version = 1, 2, 3 ...
 Each version has two signatures with the same outputs (`probabilities`,

@@ -168,7 +168,7 @@ def format_litert_comparison(comparison):
 def print_predictions(result, workdir):
   """Summary on stdout; each skipped file on stderr, as it needs attention."""
   for skipped in result["skipped_files"]:
-    print(f"tf_finetune: skipped {skipped['file']}: {skipped['reason']}",
+    print(f"tf_finetune: skipped {skipped['path']}: {skipped['reason']}",
           file=sys.stderr)
   print(f"predicted: {len(result['predictions'])} files with "
         f"{result['export_path']}, skipped: {len(result['skipped_files'])}")

@@ -1,4 +1,4 @@
-"""Model stage: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
+"""The model: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
 
 Preprocessing lives inside the model, so the Keras file and the SavedModel
 take raw pixels and nothing outside the model has to repeat it. It is made

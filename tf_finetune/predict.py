@@ -1,4 +1,4 @@
-"""Prediction stage (`--mode=predict`): image files through the exported model.
+"""Prediction (`--mode=predict`): image files through the exported model.
 
 Classifies `--inputs` (one image file, or every image file under a folder)
 with the latest SavedModel version under the export folder, through its
@@ -32,8 +32,9 @@ def run_prediction(config: Config) -> Dict:
   Returns:
     The content of predictions.json: {"export_path", "inputs",
     "predictions": [{"file", "classes", "scores"}], "skipped_files":
-    [{"file", "reason"}]}. `classes` and `scores` are the export's top K,
-    most probable first.
+    [{"path", "reason", "file"}]}. `classes` and `scores` are the export's
+    top K, most probable first. A skipped file's "path" is report.json's
+    key; "file", the same path, is deprecated (README.md).
 
   Raises:
     UserError: `--inputs` has no image files, or there is no exported model.
@@ -64,7 +65,9 @@ def run_prediction(config: Config) -> Dict:
       "export_path": model_path,
       "inputs": config.inputs,
       "predictions": predictions,
-      "skipped_files": [{"file": path, "reason": skipped[path]}
+      # "file": deprecated duplicate of "path", kept for readers of the
+      # older key until the next release (README.md).
+      "skipped_files": [{"path": path, "reason": skipped[path], "file": path}
                         for path in paths if path in skipped],
   }
   files.write_json_atomic(os.path.join(config.workdir, PREDICTIONS_FILE),

@@ -1,4 +1,4 @@
-"""Report stage: report.json, written atomically (files.py)."""
+"""report.json: what a training run did, written atomically (files.py)."""
 
 import os
 from typing import Dict, List, Optional, Sequence
