@@ -59,6 +59,11 @@ def build_tiny_model():
   return keras.Model(outer, outputs)
 
 
+def epochs_of(batches):
+  """`Datasets.train_from` of a stand-in: one pass of `batches` per epoch."""
+  return lambda first_epoch, end_epoch: batches.repeat(end_epoch - first_epoch)
+
+
 def tiny_datasets():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(TINY_STEPS * TINY_BATCH, 6)).astype("float32")
@@ -66,7 +71,8 @@ def tiny_datasets():
   # No shuffling: an uninterrupted run and a resumed one see the same
   # batches, so their final weights can be compared bit for bit.
   train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(TINY_BATCH)
-  return data.Datasets(train=train_ds, val=train_ds.take(1), test=None,
+  return data.Datasets(train=train_ds, train_from=epochs_of(train_ds),
+                       val=train_ds.take(1), test=None,
                        class_names=["a", "b", "c"],
                        num_examples={"train": len(x), "val": TINY_BATCH},
                        skipped_files=[])

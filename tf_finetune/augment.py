@@ -283,8 +283,8 @@ def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
   """Builds the augmentation for the given `--augment` names.
 
   Args:
-    names: names from AUGMENTATIONS (see the module docstring); an empty
-      sequence or just "none" means no augmentation.
+    names: names from AUGMENTATIONS (see the module docstring), as
+      `config.parse_augment` gives them; empty: no augmentation.
     seed: base seed; each layer gets its own seed derived from it.
 
   Returns:
@@ -293,8 +293,7 @@ def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
   Raises:
     UserError: a name is unknown.
   """
-  names = [name.strip().lower() for name in names if name.strip()]
-  if names in ([], ["none"]):
+  if not names:
     return None
   unknown = [name for name in names if name not in AUGMENTATIONS]
   if unknown:

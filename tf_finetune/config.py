@@ -21,7 +21,6 @@ RESNET50_BLOCKS = tuple(
 MODES = ("train", "evaluate", "export", "predict", "tune")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 BACKBONES = ("resnet50",)
-DATASET_SCHEMES = ("demo", "folder:", "tfds:")
 TUNERS = ("hyperband", "bayesian", "random")
 # What `model.fit` logs; the direction follows from the name (loss: min).
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
@@ -240,10 +239,7 @@ class Config:
       choices, value = field.metadata["choices"], getattr(self, field.name)
       _check(choices is None or value in choices,
              f"--{field.name}={value!r}: expected one of {choices}.")
-    _check(self.dataset == "demo" or self.dataset.startswith(DATASET_SCHEMES[1:])
-           and len(self.dataset.split(":", 1)[1]) > 0,
-           f"--dataset={self.dataset!r}: expected 'demo', 'folder:DIR' or "
-           "'tfds:NAME[:VERSION]'.")
+    parse_dataset(self.dataset)
     _check(self.image_size >= 32,
            f"--image_size={self.image_size}: ResNet50 needs at least 32 pixels.")
     self._check_export_formats()
@@ -398,9 +394,30 @@ def parse_export_formats(value: str) -> Tuple[str, ...]:
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:
-  """'flip, zoom' -> ('flip', 'zoom'); 'none' or '' -> ()."""
-  names = tuple(n.strip() for n in value.split(",") if n.strip())
+  """'flip, Zoom' -> ('flip', 'zoom'); 'none' or '' -> ()."""
+  names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
   return () if names in ((), ("none",)) else names
+
+
+def parse_dataset(dataset: str) -> Tuple[str, str]:
+  """`--dataset` -> (scheme, source): 'demo' -> ('demo', ''), 'folder:DIR'
+  -> ('folder', 'DIR'), 'tfds:NAME[:VERSION]' -> ('tfds', 'NAME[:VERSION]').
+
+  Raises:
+    UserError: any other value.
+  """
+  scheme, _, source = dataset.partition(":")
+  if dataset == "demo" or (scheme in ("folder", "tfds") and source):
+    return scheme, source
+  raise UserError(f"--dataset={dataset!r}: expected 'demo', 'folder:DIR' or "
+                  "'tfds:NAME[:VERSION]'.")
+
+
+def first_line(error: Exception) -> str:
+  """The first line of `error`'s message, at most 300 characters ("" for
+  none): Keras' and TFDS' messages can list every layer or file after it,
+  and a UserError quoting one stays one paragraph."""
+  return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def to_flagfile(config: Config) -> str:

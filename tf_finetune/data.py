@@ -38,7 +38,7 @@ from tf_finetune import decode
 from tf_finetune import demo_data
 from tf_finetune import folder_source
 from tf_finetune import weighting
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import Config, UserError, first_line, parse_dataset
 from tf_finetune.folder_source import SPLITS
 
 # Decoded splits up to this size are cached in memory after the first epoch
@@ -58,6 +58,12 @@ class Datasets:
       and augmented on every pass; one pass is one epoch. When the
       augmentation mixes labels (MixUp, CutMix) the labels are float32
       [B, C] instead, one-hot mixtures summing to 1.
+    train_from: (first epoch, end epoch) -> the training batches of epochs
+      [first, end), `ceil(num_examples["train"] / batch size)` per epoch.
+      Epoch e's order and augmentation depend only on --seed and e, so a
+      run resumed at any epoch and step trains on the batches an
+      uninterrupted run would. The fits on images train on these; `train`
+      is the source of stage head's augmented feature views (features.py).
     val: batches in a fixed order, not augmented.
     test: like `val`, or None when the run has no test split.
     class_names: sorted class folder names, or the TFDS label names;
@@ -69,24 +75,19 @@ class Datasets:
     train_unaugmented: the training split like `val`: fixed order, not
       augmented (stage head's cached features with --feature_views=1,
       features.py); None: `train` stands in for it.
-    train_from: (first epoch, end epoch) -> the training batches of epochs
-      [first, end), `ceil(num_examples["train"] / batch size)` per epoch.
-      Epoch e's order and augmentation depend only on --seed and e, so a
-      run resumed at any epoch and step trains on the batches an
-      uninterrupted run would. None (stand-ins in tests): `train` is used.
     class_counts: examples per class of each split, e.g. {"train": [50,
       25], "val": [10, 10], "test": []}, in class_names order (class
       weighting, weighting.py; a TFDS source counts train and val only);
       None: unknown (stand-ins in tests).
   """
   train: tf.data.Dataset
+  train_from: Callable[[int, int], tf.data.Dataset]
   val: tf.data.Dataset
   test: Optional[tf.data.Dataset]
   class_names: list
   num_examples: dict
   skipped_files: list
   train_unaugmented: Optional[tf.data.Dataset] = None
-  train_from: Optional[Callable[[int], tf.data.Dataset]] = None
   class_counts: Optional[Dict[str, list]] = None
 
 
@@ -97,15 +98,12 @@ def create_datasets(config: Config) -> Datasets:
     UserError: the source is missing, malformed, has no usable images for a
       class, or a split would be empty.
   """
-  if config.dataset == "demo":
-    return _folder_datasets(demo_data.ensure_demo_dataset(config.data_dir), config)
-  scheme, _, rest = config.dataset.partition(":")
-  if scheme == "folder" and rest:
-    return _folder_datasets(rest, config)
-  if scheme == "tfds" and rest:
-    return _tfds_datasets(rest, config)
-  raise UserError(f"--dataset={config.dataset!r}: expected 'demo', "
-                  "'folder:DIR' or 'tfds:NAME[:VERSION]'.")
+  scheme, source = parse_dataset(config.dataset)
+  if scheme == "demo":
+    source = demo_data.ensure_demo_dataset(config.data_dir)
+  if scheme == "tfds":
+    return _tfds_datasets(source, config)
+  return _folder_datasets(source, config)
 
 
 # ---------------------------------------------------------------- pipeline
@@ -131,17 +129,23 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
   if training:
     return _training_inputs(records, load, num_examples, config, augmenter,
                             num_classes, cache)[0]
-  dataset = _decode(records, load, num_examples, config, cache)
+  dataset = _decode(records, load,
+                    _caches_in_memory(cache, num_examples, config))
   return shard_by_data(dataset.batch(config.batch_size).prefetch(
       tf.data.AUTOTUNE))
 
 
-def _decode(records: tf.data.Dataset, load, num_examples: int,
-            config: Config, cache: Optional[bool]) -> tf.data.Dataset:
-  """Decoded examples in the records' order, cached in memory when `cache`
-  (None: when they fit CACHE_BUDGET_BYTES)."""
-  if cache is None:
-    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+def _caches_in_memory(cache: Optional[bool], num_examples: int,
+                      config: Config) -> bool:
+  """`cache`, or when None, whether the split's decoded images fit
+  CACHE_BUDGET_BYTES."""
+  if cache is not None:
+    return cache
+  return num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+
+
+def _decode(records: tf.data.Dataset, load, cache: bool) -> tf.data.Dataset:
+  """Decoded examples in the records' order, cached in memory when `cache`."""
   # Deterministic order: with a seed, the same run sees the same batches.
   dataset = records.map(load, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
@@ -152,7 +156,7 @@ def _training_inputs(records: tf.data.Dataset, load, num_examples: int,
                      config: Config, augmenter, num_classes: int,
                      cache: Optional[bool] = None
                      ) -> Tuple[tf.data.Dataset,
-                                Callable[[int], tf.data.Dataset]]:
+                                Callable[[int, int], tf.data.Dataset]]:
   """(`Datasets.train`, `Datasets.train_from`) of a training split; both
   read one decode cache.
 
@@ -161,9 +165,8 @@ def _training_inputs(records: tf.data.Dataset, load, num_examples: int,
   images). Epoch e of `train_from` is shuffled with a seed made of --seed
   and e, and augmented with draws keyed by (e, batch index).
   """
-  if cache is None:
-    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
-  decoded = _decode(records, load, num_examples, config, cache)
+  cache = _caches_in_memory(cache, num_examples, config)
+  decoded = _decode(records, load, cache)
 
   def shuffled(seed) -> tf.data.Dataset:
     if cache:
@@ -358,8 +361,10 @@ def _prepare_tfds_builder(tfds, name: str, version: Optional[str],
   except (tfds.core.registered.DatasetNotFoundError, AssertionError,
           ValueError) as error:
     # AssertionError is what TFDS raises for an unknown version.
-    raise UserError(f"{shown}: TFDS cannot load it ({_first_line(error)}). "
-                    "tfds.list_builders() lists the dataset names.") from error
+    raise UserError(
+        f"{shown}: TFDS cannot load it "
+        f"({first_line(error) or type(error).__name__}). "
+        "tfds.list_builders() lists the dataset names.") from error
   try:
     builder.download_and_prepare()
   except Exception as error:  # pylint: disable=broad-except
@@ -369,14 +374,10 @@ def _prepare_tfds_builder(tfds, name: str, version: Optional[str],
              else "--data_dir (unset: ~/tensorflow_datasets)")
     raise UserError(
         f"{shown}: download_and_prepare failed ({type(error).__name__}: "
-        f"{_first_line(error)}). Without internet, prepare the dataset on "
-        f"another machine and copy it into {where}.") from error
+        f"{first_line(error) or type(error).__name__}). Without internet, "
+        f"prepare the dataset on another machine and copy it into {where}."
+    ) from error
   return builder
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
 
 
 def _tfds_feature_keys(info, name: str) -> Tuple[str, str]:

@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from tf_finetune import files, report
-from tf_finetune.config import UserError
+from tf_finetune.config import UserError, first_line
 
 MODEL_FILE = "model.keras"
 
@@ -44,8 +44,7 @@ def load_model_safely(path: str) -> keras.Model:
           "runs code from a file. Retrain it with tf_finetune, or rebuild it "
           "from registered layers.") from e
     raise UserError(f"{path}: not a loadable Keras model ({type(e).__name__}: "
-                    f"{message.splitlines()[0][:300] if message else ''})."
-                    ) from e
+                    f"{first_line(e)}).") from e
 
 
 def read_class_names(workdir: str) -> Sequence[str]:

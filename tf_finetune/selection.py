@@ -131,8 +131,7 @@ class BestWeights(keras.callbacks.Callback):
           epoch, self.plan.stage_at(epoch), self.monitor,
           float(logs[self.monitor]), float(logs.get("val_loss", math.nan)),
           self.measure or None)
-    if (epoch + 1 == self.plan.total_epochs
-        or self.plan.stage_at(epoch + 1) != self.plan.stage_at(epoch)):
+    if self.plan.ends_stage(epoch):
       self.restore(f"end of stage {self.plan.stage_at(epoch)}")
 
   def on_train_end(self, logs=None):

@@ -69,6 +69,11 @@ class StagePlan:
     """The stage of a 0-based epoch index."""
     return HEAD if epoch < self.head_epochs else FINETUNE
 
+  def ends_stage(self, epoch: int) -> bool:
+    """Whether a 0-based epoch is the last of its stage."""
+    return (epoch + 1 == self.total_epochs
+            or self.stage_at(epoch + 1) != self.stage_at(epoch))
+
   def epochs_of(self, stage: str) -> int:
     return self.head_epochs if stage == HEAD else self.finetune_epochs
 
@@ -319,8 +324,7 @@ class TwoStageCallback(keras.callbacks.Callback):
       record.images_per_second = record.images / record.step_seconds
     # A high-water mark of the whole process: the peak up to this stage.
     record.peak_rss_mb = speed.peak_rss_mb()
-    if (epoch + 1 == self.plan.total_epochs
-        or self.plan.stage_at(epoch + 1) != record.name):
+    if self.plan.ends_stage(epoch):
       log_stage_summary(record)
 
   def _start_record(self, stage: str, started: float) -> None:

@@ -330,18 +330,14 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
 
 def training_batches(datasets: data.Datasets, num_classes: int,
                      segment: fit_plan.FitSegment, steps_per_epoch: int
-                     ) -> Tuple[tf.data.Dataset, Optional[int]]:
+                     ) -> Tuple[tf.data.Dataset, int]:
   """The training images of a fit on images, and its steps per epoch.
 
   From `datasets.train_from`: the batches an uninterrupted run trains on
   from the segment's epoch and step on, whatever ran before in this
   process; `fit` takes `steps_per_epoch` of them per epoch (fewer in an
   epoch that skips its first batches, which `fit_segments` fits alone).
-  Without it, `datasets.train`, one pass per epoch.
   """
-  if datasets.train_from is None:
-    return (to_one_hot(datasets.train, num_classes).skip(
-        segment.skip_batches), None)
   batches = datasets.train_from(segment.initial_epoch, segment.epochs).skip(
       segment.skip_batches)
   return (to_one_hot(batches, num_classes),
