@@ -13,7 +13,8 @@ from tf_finetune import workdir as workdir_lib
 
 
 class WeightsAtEpochEnd(keras.callbacks.Callback):
-  """Every weight of `model` after each epoch, before the next one."""
+  """Every weight of `model` at each epoch's end, as the callbacks after the
+  best-weights keeper see them: at a stage's end, the weights it restored."""
 
   def __init__(self, model):
     super().__init__()
@@ -33,7 +34,10 @@ class WeightsAtEpochEnd(keras.callbacks.Callback):
 def train_tiny(config, resume=None, extra=()):
   run = tiny_run(config)
   callback, best = train.start_stages(run, resume)
-  # Inserted before the best-weights keeper restores at a stage end.
+  # Runs after the best-weights keeper (fit_stages puts the keeper first).
+  # At a stage's last epoch it records the restored weights, which are that
+  # epoch's own only when it is the best; the tests compare kept weights
+  # with the best epoch's, for which both agree.
   watch = WeightsAtEpochEnd(run.model)
   run_callbacks = [watch, *extra]
   train.fit_remaining(run, callback, best, resume, run_callbacks)
