@@ -1,34 +1,6 @@
 """Checkpoints: a run that dies resumes where it stopped, in the right stage.
 
-Layout of WORKDIR/checkpoints/ (removed once a run has written its report):
-
-  checkpoint.json           the pointer: which weights file is current, the
-                            position it was saved at (epoch, step), the stage
-                            its optimizer belongs to, the stage records so
-                            far, the run's fingerprint and its id, and the
-                            states of the model's random seed generators
-                            (Dropout's), which Keras weights files leave
-                            out (`model.seed_states`). Replaced
-                            atomically, and only after the file it names is
-                            complete on disk (files.py).
-  ckpt-EEEE-SSSSSS.weights.h5
-                            Keras weights file: every model weight
-                            (BatchNorm statistics included) and the stage's
-                            optimizer variables (Adam moments, iteration
-                            count, learning rate).
-
-Why not `keras.callbacks.BackupAndRestore` (Keras 3.15.1): it overwrites its
-weights file in place and writes the epoch next to it afterwards, so a crash
-mid-save leaves a torn file or a mismatched pair; it restores the epoch but
-not the step (`training_metadata.json` records the batch, `_load_model`
-ignores it), so a step checkpoint replays the epoch's first steps; it loads
-optimizer variables into whatever optimizer the model has, and Keras only
-warns and skips them when their number differs (the head stage's Adam vs
-the finetune stage's); and it deletes its backup in `on_train_end`, which
-also runs when `TerminateOnNaN` stops a diverged run (keras-team/keras#21771).
-Here the stage is applied before the weights are loaded (`restore`), and
-`fit_plan.fit_segments` finishes an interrupted epoch with its remaining
-steps only.
+Design notes: ARCHITECTURE.md, "Module notes", `checkpoints.py`.
 """
 
 import dataclasses

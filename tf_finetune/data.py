@@ -1,28 +1,6 @@
 """Input pipelines: image sources -> decoded, resized uint8 batches via tf.data.
 
-Sources (`--dataset`):
-
-  demo             generated shapes (`demo_data.py`), written once as files
-                   and read through the `folder:` path below.
-  folder:DIR       one sub-folder per class, or a `train/ [val/] [test/]`
-                   level above the class folders (`folder_source.py`).
-                   Splits the source lacks are carved from train, stratified
-                   by class. Unusable files are skipped and listed.
-  tfds:NAME[:VER]  a TFDS image classification dataset. Missing validation
-                   or test splits are carved from the start of train with
-                   TFDS split slicing: deterministic, not stratified.
-
-Every split comes out as batches of (uint8 [B, S, S, 3], int32 [B]): the
-model does its own preprocessing, so these are exactly the pixels that the
-serving signature `serving_tensor` takes. (With `--augment=mixup` or
-`cutmix` the training labels are float32 [B, C] mixtures instead.)
-
-Speed: files are read and decoded by a parallel map (AUTOTUNE; TFDS reads
-its record shards interleaved in parallel itself), resized before
-batching, cached in memory as uint8 when the split fits CACHE_BUDGET_BYTES
-(later epochs then only shuffle, batch and augment), augmented per batch,
-and prefetched. Everything is TensorFlow ops. `tools/bench_input.py`
-measures it against the tutorial pipeline.
+Design notes: ARCHITECTURE.md, "Module notes", `data.py`.
 """
 
 import dataclasses
@@ -282,8 +260,9 @@ def _file_records(files: Sequence[Tuple[str, int]], config: Config):
       (list(paths), tf.constant(labels, tf.int32)))
 
   def load(path, label):
-    return decode.decode_and_resize(tf.io.read_file(path), config.image_size,
-                                    config.max_image_pixels), label
+    image = decode.decode_and_resize(tf.io.read_file(path), config.image_size,
+                                     config.max_image_pixels)
+    return image, label
 
   return records, load
 
@@ -299,9 +278,9 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   builder = _prepare_tfds_builder(tfds, name, version or None, config.data_dir)
   image_key, label_key = _tfds_feature_keys(builder.info, name)
   image_feature = builder.info.features[image_key]
-  # Encoded (PNG/JPEG) images are decoded by decode.decode_and_resize, like files
-  # and like the serving graph: same pixels, 16-bit PNGs scaled to 8 bits,
-  # large JPEGs decoded at reduced scale.
+  # Encoded (PNG/JPEG) images are decoded by decode.decode_and_resize, like
+  # files and like the serving graph: same pixels, 16-bit PNGs scaled to 8
+  # bits, large JPEGs decoded at reduced scale.
   encoded = image_feature.np_dtype in (np.uint8, np.uint16)
   channels = image_feature.shape[-1]
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
@@ -315,7 +294,8 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
     image = example[image_key]
     if channels == 1:
       image = tf.image.grayscale_to_rgb(image)
-    return decode.resize_image(tf.cast(image, tf.uint8), config.image_size), label
+    return decode.resize_image(tf.cast(image, tf.uint8),
+                               config.image_size), label
 
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}

@@ -1,18 +1,6 @@
 """Evaluation (`--mode=evaluate`): the trained model on held-out data.
 
-Loads WORKDIR/model.keras, runs it over the test split (else the validation
-split) of `--dataset`, and writes WORKDIR/evaluation.json (accuracy, top-5
-accuracy when there are more than 5 classes, per-class precision, recall
-and F1, the confusion matrix, calibration figures) and
-WORKDIR/confusion_matrix.png and WORKDIR/reliability.png.
-
-The metrics are computed from the model's probabilities with numpy, in one
-pass over the split, so every number in the file comes from the same
-predictions.
-
-With `--runtime=tflite` or `tflite_int8` the metrics are those of that
-LiteRT model of the latest export version, and evaluation.json's "litert"
-compares both LiteRT models with the SavedModel of that version.
+Design notes: ARCHITECTURE.md, "Module notes", `evaluate.py`.
 """
 
 import os

@@ -1,31 +1,6 @@
 """Export: a versioned SavedModel that TF Serving serves as is.
 
-Layout (TF Serving's): `EXPORT_ROOT/<version>/`, version = 1, 2, 3 ...
-Each version has two signatures with the same outputs (`probabilities`,
-`classes`, `scores`):
-
-- `serving_default`: `image_bytes`, tf.string [None], encoded JPEG/PNG/GIF/
-  BMP, so the REST form `{"b64": ...}` works. Decoding and resizing run in
-  the graph through `decode.decode_and_resize`, the function training used,
-  with the pixel limit (`--max_image_pixels`, recorded in
-  `assets/metadata.json`): an image whose header says more pixels fails the
-  request with InvalidArgument before it is decoded.
-- `serving_tensor`: `images`, uint8 [None, S, S, 3], already decoded.
-
-Class names are a constant in the graph (served answers need no file) and
-also files under `assets/` for people and tools reading the folder.
-
-A version is written into a hidden temporary folder beside it and moved
-into place whole (files.move_folder_into_place), so TF Serving (which polls
-the folder) never sees half a model on a local disk.
-
-A training run that passes its run id (checkpoints.read_run_id) has it
-recorded in `assets/run_id.txt`; killed after its export and rerun, it
-finds its own version and exports no second one.
-
-With format "tflite" the version also holds LiteRT models of the same
-weights in `<version>/tflite/` (litert.py), written before the version is
-moved into place.
+Design notes: ARCHITECTURE.md, "Module notes", `export.py`.
 """
 
 import json

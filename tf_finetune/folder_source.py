@@ -1,26 +1,6 @@
 """The `folder:` source: class folders -> usable files, split three ways.
 
-Everything here runs once, up front, in plain Python and one tf.data pass:
-list the class folders, find the files that cannot be decoded, and assign
-the rest to train, val and test. `data.py` turns the result into pipelines.
-
-Which files count: every visible file whose name ends in an image extension
-(any case) is a candidate; everything else (hidden entries, `.txt`, `.csv`,
-...) is ignored. Candidates are decoded by content, so a PNG named `.jpg` is
-used, and those that cannot be decoded (empty, truncated, not an image, a
-format TensorFlow cannot read such as TIFF or HEIC) are skipped and listed
-with the reason.
-
-The check itself (why up front, and how it stays fast) is in
-`file_check.py`.
-
-Layouts (hidden entries and non-image files are ignored everywhere):
-
-  DIR/CLASS/...                  classes only: val and test are carved from
-                                 each class (`assign_splits`).
-  DIR/train/CLASS/... [DIR/val/CLASS/...] [DIR/test/CLASS/...]
-                                 explicit splits: those present are used as
-                                 they are, the missing ones carved from train.
+Design notes: ARCHITECTURE.md, "Module notes", `folder_source.py`.
 """
 
 import hashlib

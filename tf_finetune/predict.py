@@ -1,15 +1,6 @@
 """Prediction (`--mode=predict`): image files through the exported model.
 
-Classifies `--inputs` (one image file, or every image file under a folder)
-with the latest SavedModel version under the export folder, through its
-`serving_default` signature: the artefact and the entry point TF Serving
-uses, fed the same encoded bytes a REST client would send. With
-`--runtime=tflite` or `tflite_int8`, the version's LiteRT model instead,
-fed the pixels the same decoder gives. Writes WORKDIR/predictions.json.
-
-A file that cannot be decoded, or whose header says more pixels than the
-export's limit (`--max_image_pixels` when it was exported), is reported (in
-the JSON and on stderr) and skipped; the other files are still classified.
+Design notes: ARCHITECTURE.md, "Module notes", `predict.py`.
 """
 
 import os

@@ -1,18 +1,7 @@
 """Model selection: the weights kept are those of the best validation epoch
 over both stages, so fine-tuning never leaves a model worse than its head.
 
-`BestWeights` watches the run's objective (`--objective`, validation accuracy
-by default; ties go to the lower validation loss) after every epoch. At the
-end of each stage it puts the best weights so far back into the model: stage
-finetune starts from the best head, not the last one, and the run ends on
-the best epoch of either stage (what is saved, exported and reported).
-
-Only the variables that train in the current stage are copied when an epoch
-improves, which keeps a head epoch on cached features cheap (the head's few
-thousand weights, not ResNet50's 23 million). That is enough because every
-stage starts from the best weights so far and nothing else changes within a
-stage: BatchNormalization is frozen in both stages (stages.py), so its
-moving statistics never move, and a frozen layer's weights never do.
+Design notes: ARCHITECTURE.md, "Module notes", `selection.py`.
 """
 
 import dataclasses

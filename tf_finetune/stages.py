@@ -1,21 +1,6 @@
 """Stage plan and the callback that runs both stages.
 
-The stages run inside one `model.fit`, or, with stage head on cached
-features (the default), across the fit on features and the fit on images
-(features.py); one callback instance spans both.
-
-Stage "head" trains the new head on a frozen backbone; stage "finetune"
-unfreezes the top residual blocks and trains them with the head at a lower
-learning rate. Every BatchNormalization layer stays frozen in both stages:
-in Keras 3 a non-trainable BatchNormalization runs in inference mode, while
-`backbone(x, training=False)` does not keep its moving statistics fixed once
-the backbone is trainable (ARCHITECTURE.md).
-
-Switching stages inside `fit` needs two things (ARCHITECTURE.md): a
-recompile, because a Keras 3 optimizer refuses variables it was not built
-with, and a new train function, because a change of `trainable` only takes
-effect in a newly traced one. `apply_stage` does both, inside the model's
-distribution strategy scope so the new optimizer's variables are mirrored.
+Design notes: ARCHITECTURE.md, "Module notes", `stages.py`.
 """
 
 import copy
