@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tf_finetune import augment
+from tf_finetune import config as config_lib
 from tf_finetune import train
 from tf_finetune.config import UserError
 
@@ -173,7 +174,8 @@ def test_fast_randaugment_equals_keras_randaugment():
 
 def test_no_augmentation_is_none_and_passes_images_through():
   assert augment.build_augmenter((), 0) is None
-  assert augment.build_augmenter(("none",), 0) is None
+  assert augment.build_augmenter(config_lib.parse_augment("none"), 0) is None
+  assert augment.build_augmenter(config_lib.parse_augment(" NONE "), 0) is None
   images, labels = make_images(), make_labels()
   assert augment.augment_batch(None, images) is images
   assert augment.augment_labelled_batch(None, images, labels, 4) == (images,

@@ -12,7 +12,9 @@ from PIL import Image
 
 import image_cases
 from tf_finetune import data
+from tf_finetune import decode
 from tf_finetune import demo_data
+from tf_finetune import file_check
 from tf_finetune import folder_source
 from tf_finetune.config import Config, UserError
 
@@ -224,7 +226,7 @@ def test_up_front_check_agrees_with_the_training_decoder(messy_folder):
   for relative in used | set(skipped):
     content = (root / relative).read_bytes()
     try:
-      data.decode_and_resize(tf.constant(content), SIZE)
+      decode.decode_and_resize(tf.constant(content), SIZE)
       decodable = True
     except tf.errors.InvalidArgumentError:
       decodable = False
@@ -234,28 +236,28 @@ def test_up_front_check_agrees_with_the_training_decoder(messy_folder):
 def test_check_results_are_reused_until_a_file_changes(tmp_path):
   paths = make_folder(tmp_path / "images", {"a": 2})
   cache = str(tmp_path / "cache" / "checks.json")
-  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  assert file_check.find_undecodable(paths, cache_file=cache) == {}
   # Same size and time, new bytes: the earlier verdict is reused.
   stat = os.stat(paths[0])
   with open(paths[0], "r+b") as f:
     f.write(b"garbage!")
   os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
-  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  assert file_check.find_undecodable(paths, cache_file=cache) == {}
   # A new modification time: checked again, and now it fails.
   os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-  assert set(folder_source.find_undecodable(paths, cache_file=cache)) == {
+  assert set(file_check.find_undecodable(paths, cache_file=cache)) == {
       paths[0]}
-  assert set(folder_source.find_undecodable(paths)) == {paths[0]}
+  assert set(file_check.find_undecodable(paths)) == {paths[0]}
 
 
 def test_a_changed_pixel_limit_checks_the_files_again(tmp_path):
   paths = make_folder(tmp_path / "images", {"a": 2})
   height, width = tf.io.decode_png(tf.io.read_file(paths[0])).shape[:2]
   cache = str(tmp_path / "cache" / "checks.json")
-  assert folder_source.find_undecodable(paths, cache_file=cache) == {}
+  assert file_check.find_undecodable(paths, cache_file=cache) == {}
   # A limit one pixel below the images' size: every file is refused.
   small = int(height * width) - 1
-  refused = folder_source.find_undecodable(paths, cache_file=cache,
+  refused = file_check.find_undecodable(paths, cache_file=cache,
                                            max_pixels=small)
   assert set(refused) == set(paths)
   assert refused[paths[0]] == (
@@ -264,9 +266,9 @@ def test_a_changed_pixel_limit_checks_the_files_again(tmp_path):
       f"{small} pixels ({small / 1e6:.1f} megapixels) set by "
       "--max_image_pixels")
   # No limit (0) or the first limit again: nothing stale is reused.
-  assert folder_source.find_undecodable(paths, cache_file=cache,
+  assert file_check.find_undecodable(paths, cache_file=cache,
                                         max_pixels=0) == {}
-  assert set(folder_source.find_undecodable(
+  assert set(file_check.find_undecodable(
       paths, cache_file=cache, max_pixels=small)) == set(paths)
 
 
@@ -275,9 +277,9 @@ def test_progress_bar_on_large_folders_or_on_request(tmp_path, capsys):
   bad = os.path.join(tmp_path, "a", "bad.png")
   with open(bad, "wb") as f:
     f.write(b"garbage")
-  assert set(folder_source.find_undecodable(paths + [bad])) == {bad}
+  assert set(file_check.find_undecodable(paths + [bad])) == {bad}
   assert capsys.readouterr().out == ""  # Few files: no bar.
-  assert set(folder_source.find_undecodable(paths + [bad],
+  assert set(file_check.find_undecodable(paths + [bad],
                                             progress=True)) == {bad}
   assert "4/4" in capsys.readouterr().out
 
@@ -412,7 +414,7 @@ def test_val_is_not_augmented(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-  return data.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo")))
+  return demo_data.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo")))
 
 
 def read_tree(folder):
@@ -426,12 +428,12 @@ def read_tree(folder):
 
 
 def test_demo_dataset_is_deterministic_and_written_once(demo_dir, tmp_path):
-  other = data.ensure_demo_dataset(str(tmp_path))
+  other = demo_data.ensure_demo_dataset(str(tmp_path))
   assert os.path.basename(other) == demo_data.DEMO_VERSION
   assert read_tree(demo_dir) == read_tree(other)
   # Reused, not rewritten; no staging folder left behind.
   stamp = os.stat(os.path.join(other, "circle", "circle_000.png")).st_mtime_ns
-  assert data.ensure_demo_dataset(str(tmp_path)) == other
+  assert demo_data.ensure_demo_dataset(str(tmp_path)) == other
   assert os.stat(os.path.join(other, "circle",
                               "circle_000.png")).st_mtime_ns == stamp
   assert os.listdir(tmp_path) == [demo_data.DEMO_VERSION]

@@ -10,7 +10,7 @@ import tensorflow as tf
 import image_cases
 from tf_finetune import decode
 from tf_finetune import export
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import DEFAULT_MAX_IMAGE_PIXELS, Config, UserError
 
 SIZE = 32
 GOOD = image_cases.decodable_cases()
@@ -137,7 +137,7 @@ def decode_with_limit(content, max_pixels, in_tf_data=False):
 def test_an_image_above_the_limit_is_refused_before_decoding(name):
   huge = image_cases.with_size(HEADERS[name], HUGE + 1, HUGE)
   assert [int(n) for n in decode.image_dimensions(huge)] == [HUGE, HUGE + 1]
-  assert decode_with_limit(huge, decode.DEFAULT_MAX_PIXELS) == (
+  assert decode_with_limit(huge, DEFAULT_MAX_IMAGE_PIXELS) == (
       "image too large to decode: 9501 x 9500 pixels (90.3 megapixels) is "
       "above the limit of 89478485 pixels (89.5 megapixels) set by "
       "--max_image_pixels")
@@ -150,7 +150,7 @@ def test_the_limit_is_width_times_height_and_below_it_nothing_changes():
   content = HEADERS["rgb.png"]  # 41 x 30 = 1230 pixels.
   assert "41 x 30 pixels" in decode_with_limit(content, 1229, in_tf_data=True)
   unlimited = decode.decode_and_resize(content, SIZE, max_pixels=0).numpy()
-  for limit in (1230, decode.DEFAULT_MAX_PIXELS):
+  for limit in (1230, DEFAULT_MAX_IMAGE_PIXELS):
     np.testing.assert_array_equal(
         decode.decode_and_resize(content, SIZE, max_pixels=limit).numpy(),
         unlimited)

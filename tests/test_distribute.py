@@ -21,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import write_backbone_weights
-from tf_finetune import checkpoints, data, distribute, train
+from tf_finetune import checkpoints, data, distribute, saved_models
 from tf_finetune.config import RESNET50_BLOCKS, Config, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,7 +402,7 @@ def test_every_worker_resumes_from_the_chiefs_checkpoint(killed_cluster):
 def test_resumed_workers_end_with_identical_weights(killed_cluster):
   chief, worker = (r["snapshots"] for r in killed_cluster["results"])
   assert sorted(chief) == sorted(worker) == [1]
-  saved = train.load_trained_model(killed_cluster["workdir"])
+  saved = saved_models.load_trained_model(killed_cluster["workdir"])
   for layer in ("backbone", "classifier"):
     assert changed_keys(chief[1][layer], worker[1][layer]) == set()
     in_file = {v.path: v.numpy() for v in saved.get_layer(layer).weights}

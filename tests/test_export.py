@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tf_finetune import data
+from tf_finetune import decode
 from tf_finetune import export
 
 SIZE = 32
@@ -98,7 +98,8 @@ def test_serving_default_resizes_like_the_input_pipeline(model, exported):
   encoded = [tf.io.encode_png(image).numpy()
              for image in make_images(2, height=45, width=61)]
   # decode_and_resize run eagerly here and in the serving graph there.
-  pixels = np.stack([data.decode_and_resize(e, SIZE).numpy() for e in encoded])
+  pixels = np.stack([decode.decode_and_resize(e, SIZE).numpy()
+                     for e in encoded])
   assert_matches_model(serve_bytes(loaded, encoded), model, pixels)
 
 

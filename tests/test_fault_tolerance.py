@@ -11,6 +11,7 @@ the same `train.start_stages` / `train.fit_remaining` code.
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import another_value, write_backbone_weights
-from tf_finetune import checkpoints, config as config_lib, data, report
-from tf_finetune import fit_plan, stages, stop_signals, train, training_logs
+from tf_finetune import checkpoints, config as config_lib, data, export, report
+from tf_finetune import fit_plan, saved_models, stages, stop_signals, train
+from tf_finetune import training_logs
 from tf_finetune import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +59,11 @@ def build_tiny_model():
   return keras.Model(outer, outputs)
 
 
+def epochs_of(batches):
+  """`Datasets.train_from` of a stand-in: one pass of `batches` per epoch."""
+  return lambda first_epoch, end_epoch: batches.repeat(end_epoch - first_epoch)
+
+
 def tiny_datasets():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(TINY_STEPS * TINY_BATCH, 6)).astype("float32")
@@ -64,7 +71,8 @@ def tiny_datasets():
   # No shuffling: an uninterrupted run and a resumed one see the same
   # batches, so their final weights can be compared bit for bit.
   train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(TINY_BATCH)
-  return data.Datasets(train=train_ds, val=train_ds.take(1), test=None,
+  return data.Datasets(train=train_ds, train_from=epochs_of(train_ds),
+                       val=train_ds.take(1), test=None,
                        class_names=["a", "b", "c"],
                        num_examples={"train": len(x), "val": TINY_BATCH},
                        skipped_files=[])
@@ -273,6 +281,36 @@ def test_nan_loss_stops_naming_stage_epoch_step_and_keeps_checkpoint(tmp_path):
   train.start_stages(run, state)
   assert all(np.isfinite(v.numpy()).all() for v in run.model.weights)
   assert not os.path.exists(tmp_path / "report.json")
+
+
+FORMAT1_CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data",
+                                   "checkpoints_format1")
+
+
+def test_checkpoints_of_pointer_format_1_resume(tmp_path):
+  """Checkpoints of a tiny run (head on cached features with the probe,
+  killed twice in stage finetune) read, write back and resume unchanged."""
+  folder = tmp_path / "checkpoints"
+  shutil.copytree(FORMAT1_CHECKPOINTS, folder)
+  with open(folder / checkpoints.POINTER_FILE) as f:
+    pointer = json.load(f)
+  config = tiny_config(tmp_path, head_epochs=2, finetune_epochs=2)
+  state = workdir_lib.check_workdir(config)
+  assert {"format": 1, **state.to_json()} == pointer
+  head, finetune = state.records
+  assert (head.name, head.input, head.images) == ("head", "cached_features",
+                                                 28)
+  assert head.probe == pointer["records"][0]["probe"]
+  assert finetune.resumed_at == [{"epoch": 2, "step": 1}]
+  assert state.best.kept.stage == state.best.stage_started == "finetune"
+  model, callback = run_tiny(config, resume=state)
+  reports = callback.stage_reports()
+  assert [len(r["history"]["loss"]) for r in reports] == [2, 2]
+  assert reports[1]["resumed_at"] == [{"epoch": 2, "step": 1},
+                                      {"epoch": 3, "step": 1}]
+  assert reports[1]["seconds"] > pointer["records"][1]["_elapsed"]
+  assert "_elapsed" not in reports[1] and "probe" in reports[0]
+  assert all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
 def test_workdir_of_another_run_is_refused_unless_fresh(tmp_path):
@@ -485,7 +523,7 @@ REPORT_CRASH = textwrap.dedent("""
 MODEL_CRASH = textwrap.dedent("""
     import os, signal, sys
     import keras
-    from tf_finetune import train
+    from tf_finetune import saved_models
 
     class DiesMidway(keras.layers.Layer):  # saved after the Dense layer
       def call(self, x):
@@ -496,7 +534,7 @@ MODEL_CRASH = textwrap.dedent("""
 
     inputs = keras.Input((4,))
     outputs = DiesMidway()(keras.layers.Dense(256)(inputs))
-    train.save_model_atomic(keras.Model(inputs, outputs), sys.argv[1])
+    saved_models.save_model_atomic(keras.Model(inputs, outputs), sys.argv[1])
 """)
 
 
@@ -526,13 +564,13 @@ def test_crash_while_writing_model_keras_keeps_the_previous_one(tmp_path):
   path = tmp_path / "model.keras"
   inputs = keras.Input((4,))
   previous = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-  train.save_model_atomic(previous, str(path))
+  saved_models.save_model_atomic(previous, str(path))
   with open(path, "rb") as f:
     before = f.read()
   crash_while_writing(MODEL_CRASH, path)
   with open(path, "rb") as f:
     assert f.read() == before
-  loaded = train.load_model_safely(str(path))
+  loaded = saved_models.load_model_safely(str(path))
   np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(),
                                 previous.layers[-1].kernel.numpy())
 
@@ -548,7 +586,7 @@ def test_keras_file_with_a_lambda_layer_is_refused(tmp_path):
     json.dump({"class_names": ["a", "b", "c", "d"]}, f)
   config = config_lib.Config(workdir=str(tmp_path), mode="export").validate()
   with pytest.raises(config_lib.UserError) as raised:
-    train.run_export(config)
+    export.run_export(config)
   message = str(raised.value)
   assert str(tmp_path / "model.keras") in message
   assert "Lambda" in message and "safe_mode" in message
@@ -764,7 +802,7 @@ def test_frozen_layers_are_bit_identical_to_the_loaded_weights(
     killed_and_resumed, weights_file):
   workdir, _ = killed_and_resumed
   _, loaded = weights_file
-  model = train.load_trained_model(workdir)
+  model = saved_models.load_trained_model(workdir)
   final = backbone_values(model.get_layer("backbone"))
   assert final.keys() == loaded.keys()
   changed = {k for k in loaded if not np.array_equal(loaded[k], final[k])}
@@ -846,8 +884,8 @@ def test_a_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
   assert state.stage == "finetune" and state.step > 0  # mid-epoch
   position = checkpoints.describe_position(state.epoch, state.step, 3)
   assert f"{position} (stage 'finetune')" in err
-  expected = train.load_trained_model(straight).weights
-  actual = train.load_trained_model(stopped).weights
+  expected = saved_models.load_trained_model(straight).weights
+  actual = saved_models.load_trained_model(stopped).weights
   assert [v.path for v in actual] == [v.path for v in expected]
   for resumed, uninterrupted in zip(actual, expected):
     np.testing.assert_array_equal(resumed.numpy(), uninterrupted.numpy(),

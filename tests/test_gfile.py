@@ -14,7 +14,7 @@ import pytest
 
 from conftest import write_backbone_weights
 from tf_finetune import checkpoints, config as config_lib, demo_data, evaluate
-from tf_finetune import files, main
+from tf_finetune import export, files, main, saved_models
 from tf_finetune import model as model_lib, predict, train
 
 # Trains a ResNet50: the tests using it are `slow` (conftest.py).
@@ -93,7 +93,7 @@ def ram_run(tmp_path_factory):
         config_lib.Config(workdir=workdir, mode="predict",
                           inputs=os.path.join(data_dir, demo_data.DEMO_VERSION),
                           **SMOKE).validate())
-    exported = train.run_export(
+    exported = export.run_export(
         config_lib.Config(workdir=workdir, mode="export", **SMOKE).validate())
   finally:
     os.chdir(previous)
@@ -170,9 +170,9 @@ def test_missing_files_on_ram_are_user_errors():
   files.makedirs(workdir)
   try:
     with pytest.raises(config_lib.UserError, match="no model.keras there"):
-      train.load_trained_model(workdir)
+      saved_models.load_trained_model(workdir)
     with pytest.raises(config_lib.UserError, match="no report.json"):
-      train.read_class_names(workdir)
+      saved_models.read_class_names(workdir)
     with pytest.raises(config_lib.UserError, match="no such file"):
       model_lib.load_backbone_weights(None, f"{workdir}/x.weights.h5")
     files.write_json_atomic(f"{workdir}/checkpoints/checkpoint.json", {})

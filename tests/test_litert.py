@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from conftest import run_cli
 from test_export import CLASS_NAMES, SIZE, build_tiny_model, make_images
-from tf_finetune import data, export, litert, predict
+from tf_finetune import decode, export, litert, predict
 from tf_finetune.config import Config, UserError
 
 # Converting the ResNet50 twice takes about a minute: once per module.
@@ -28,7 +28,7 @@ def demo_images(data_dir, count):
   them, and their paths."""
   paths = sorted(glob.glob(os.path.join(data_dir, "**", "*.png"),
                            recursive=True))[:count]
-  pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
+  pixels = np.stack([decode.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
                      for p in paths])
   return paths, pixels
 

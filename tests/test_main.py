@@ -97,7 +97,7 @@ def test_served_model_equals_the_keras_model(smoke_run):
   workdir, _ = smoke_run
   import keras
   import tensorflow as tf
-  from tf_finetune.train import load_model_safely
+  from tf_finetune.saved_models import load_model_safely
   model = load_model_safely(os.path.join(workdir, "model.keras"))
   served = tf.saved_model.load(os.path.join(workdir, "export", "1"))
   with open(os.path.join(workdir, "report.json")) as f:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tf_finetune import model as model_lib
-from tf_finetune import speed, stages, train
+from tf_finetune import saved_models, speed, stages
 
 SIZE = 32
 
@@ -84,7 +84,7 @@ def test_model_with_the_earlier_preprocessing_layer_loads_through_the_package(
   earlier = keras.Model(inputs, outputs)
   path = str(tmp_path / "model.keras")
   earlier.save(path)
-  loaded = train.load_model_safely(path)
+  loaded = saved_models.load_model_safely(path)
   assert isinstance(loaded.get_layer("preprocess"),
                     model_lib.ImageNetPreprocess)
   images = pixels()

@@ -14,7 +14,7 @@ import tensorflow as tf
 import image_cases
 from conftest import run_cli
 from test_export import CLASS_NAMES, SIZE, build_tiny_model, make_images
-from tf_finetune import data, decode, export, folder_source, predict, train
+from tf_finetune import decode, export, file_check, predict, saved_models
 from tf_finetune.config import Config, UserError
 
 
@@ -47,7 +47,7 @@ def predict_config(tmp_path, inputs, export_root):
 
 
 def expected_top2(model, paths):
-  pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
+  pixels = np.stack([decode.decode_and_resize(tf.io.read_file(p), SIZE).numpy()
                      for p in paths])
   probabilities = model.predict(pixels, verbose=0)
   top = np.argsort(-probabilities, axis=-1)[:, :2]
@@ -86,9 +86,11 @@ def test_bad_files_are_reported_per_file(tiny_export, tmp_path):
   config = predict_config(tmp_path, str(tmp_path / "in"), root)
   result = predict.run_prediction(config)
   check_predictions(result, model, good)
-  skipped = {os.path.basename(s["file"]): s["reason"]
+  skipped = {os.path.basename(s["path"]): s["reason"]
              for s in result["skipped_files"]}
   assert set(skipped) == {"corrupt.jpg", "empty.png"}
+  # "file", deprecated, repeats "path" for one release.
+  assert all(s["file"] == s["path"] for s in result["skipped_files"])
   assert skipped["corrupt.jpg"].startswith("undecodable JPEG")
   assert skipped["empty.png"] == "empty file (0 bytes)"
   assert result["export_path"] == os.path.join(root, "1")
@@ -102,12 +104,12 @@ def test_a_bad_file_the_check_missed_fails_alone(tiny_export, tmp_path,
   # fails on it must not take its batch mates down.
   model, root = tiny_export
   good = write_inputs(str(tmp_path / "in"), make_images(3, seed=4))
-  monkeypatch.setattr(folder_source, "find_undecodable",
+  monkeypatch.setattr(file_check, "find_undecodable",
                       lambda paths, **unused: {})
   result = predict.run_prediction(
       predict_config(tmp_path, str(tmp_path / "in"), root))
   check_predictions(result, model, good)
-  reasons = {os.path.basename(s["file"]): s["reason"]
+  reasons = {os.path.basename(s["path"]): s["reason"]
              for s in result["skipped_files"]}
   assert set(reasons) == {"corrupt.jpg", "empty.png"}
   for reason in reasons.values():
@@ -155,13 +157,13 @@ def test_predict_mode_on_the_trained_run(smoke_run, smoke_flags, tmp_path):
       os.path.join(workdir, "export"))
   good = sorted(str(folder / os.path.basename(s)) for s in sources)
   assert [p["file"] for p in predictions["predictions"]] == good
-  assert [s["file"] for s in predictions["skipped_files"]] == [
+  assert [s["path"] for s in predictions["skipped_files"]] == [
       str(folder / "broken.png")]
   # What the served model says equals the Keras model on the same pixels.
-  model = train.load_model_safely(os.path.join(workdir, "model.keras"))
+  model = saved_models.load_model_safely(os.path.join(workdir, "model.keras"))
   with open(os.path.join(workdir, "report.json")) as f:
     names = json.load(f)["class_names"]
-  pixels = np.stack([data.decode_and_resize(tf.io.read_file(p), 32).numpy()
+  pixels = np.stack([decode.decode_and_resize(tf.io.read_file(p), 32).numpy()
                      for p in good])
   probabilities = model.predict(pixels, verbose=0)
   for entry, row in zip(predictions["predictions"], probabilities):
@@ -205,10 +207,10 @@ def test_an_image_above_the_exports_pixel_limit_is_refused(tiny_export,
   config = dataclasses.replace(
       predict_config(tmp_path, str(tmp_path / "in"), root),
       max_image_pixels=0)
-  for check in (folder_source.find_undecodable, lambda paths, **unused: {}):
-    monkeypatch.setattr(folder_source, "find_undecodable", check)
+  for check in (file_check.find_undecodable, lambda paths, **unused: {}):
+    monkeypatch.setattr(file_check, "find_undecodable", check)
     result = predict.run_prediction(config)
     check_predictions(result, model, good)
-    skipped = {os.path.basename(s["file"]): s["reason"]
+    skipped = {os.path.basename(s["path"]): s["reason"]
                for s in result["skipped_files"]}
     assert skipped["huge.png"] == reason

@@ -185,7 +185,7 @@ def test_saved_model_cli_runs_serving_tensor(smoke_run, tmp_path):
                   "--signature_def", "serving_tensor",
                   "--inputs", f"images={tmp_path / 'images.npy'}",
                   "--outdir", str(tmp_path / "out"))
-  from tf_finetune.train import load_model_safely
+  from tf_finetune.saved_models import load_model_safely
   model = load_model_safely(os.path.join(workdir, "model.keras"))
   expected = model.predict(images, verbose=0)
   names = np.array(read_report(workdir)["class_names"])

@@ -1,7 +1,9 @@
 """Speed switches: stage head on cached features, mixed precision, XLA and
 flag checks. Real ResNet50 at 32 px, weights=none, few images."""
 
+import dataclasses
 import json
+import math
 import os
 
 import keras
@@ -10,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
+from test_fault_tolerance import epochs_of
 from tf_finetune import data, features, selection, speed, stages, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
@@ -44,9 +47,14 @@ def _build(seed=0, dropout=0.0):
 def _fit_stages(model, plan, images, labels, workdir, batch_size=COUNT,
                 callbacks=(), unaugmented=None, **config):
   """`train.fit_stages` (the training run's own path) on in-memory data."""
+  # Steps per epoch as a training run counts them: fits on images take
+  # that many batches of `train_from` per epoch.
+  plan = dataclasses.replace(plan, steps_per_epoch=math.ceil(COUNT /
+                                                             batch_size))
   callback = stages.TwoStageCallback(plan, stages.HEAD, COUNT, batch_size)
+  batches = _dataset(images, labels, batch_size)
   datasets = data.Datasets(
-      train=_dataset(images, labels, batch_size),
+      train=batches, train_from=epochs_of(batches),
       val=_dataset(images, labels, 8), test=None,
       class_names=[str(c) for c in range(CLASSES)],
       num_examples={"train": COUNT, "val": COUNT, "test": 0},

@@ -144,6 +144,7 @@ def test_unfreeze_blocks_selects_exactly_the_top_blocks(blocks):
 def test_stage_plan_maps_epochs_to_stages():
   plan = stages.StagePlan(2, 3, 1e-3, 1e-5, 3)
   assert [plan.stage_at(e) for e in range(5)] == ["head"] * 2 + ["finetune"] * 3
+  assert [e for e in range(5) if plan.ends_stage(e)] == [1, 4]
   assert plan.unfrozen_blocks("head") == ()
   assert plan.unfrozen_blocks("finetune") == RESNET50_BLOCKS[-3:]
   assert stages.block_of("conv4_block6_2_bn") == "conv4_block6"
@@ -187,6 +188,20 @@ def test_warmup_and_decay_span_the_planned_finetune_steps():
   assert rate(16 + 72) == pytest.approx(0.5e-4, rel=1e-4)
   assert rate(159) == pytest.approx(0.0, abs=1e-7) and rate(159) > 0
   assert rate(160) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_warms_stage_finetune_up_and_not_stage_head():
+  # Stage finetune: 2 epochs x 5 steps, 20% of them (2 steps) warm up from
+  # zero, then the rate decays to zero over the remaining 8.
+  plan = stages.StagePlan(2, 2, 1e-3, 1e-4, 1, steps_per_epoch=5,
+                          lr_schedule="cosine", warmup_fraction=0.2)
+  finetune = plan.schedule_of(stages.FINETUNE)
+  rates = [float(finetune(step)) for step in (0, 1, 2, 6, 10)]
+  np.testing.assert_allclose(rates, [0.0, 0.5e-4, 1e-4, 0.5e-4, 0.0],
+                             atol=1e-12)
+  head = plan.schedule_of(stages.HEAD)  # No warmup: starts at its rate.
+  np.testing.assert_allclose([float(head(0)), float(head(5))],
+                             [1e-3, 0.5e-3], atol=1e-12)
 
 
 def test_base_config_states_the_default_recipe():

@@ -15,7 +15,8 @@ from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from tf_finetune import config as config_lib, data, distribute, features
 from tf_finetune import stages, train, weighting
-from test_fault_tolerance import TINY_BATCH, build_tiny_model, tiny_config
+from test_fault_tolerance import (TINY_BATCH, build_tiny_model, epochs_of,
+                                  tiny_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["a", "b", "c"]
@@ -123,7 +124,8 @@ def tiny_run(config, labels):
   batches = tf.data.Dataset.from_tensor_slices(
       (x, labels.astype("int32"))).batch(TINY_BATCH)
   datasets = data.Datasets(
-      train=batches, val=batches.take(1), test=None, class_names=NAMES,
+      train=batches, train_from=epochs_of(batches), val=batches.take(1),
+      test=None, class_names=NAMES,
       num_examples={"train": len(x), "val": TINY_BATCH}, skipped_files=[],
       class_counts=counts(np.bincount(labels, minlength=3),
                           np.bincount(labels[:TINY_BATCH], minlength=3)))

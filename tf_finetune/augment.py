@@ -1,47 +1,6 @@
 """Batch augmentation: seeded Keras preprocessing layers, training split only.
 
-`data.py` augments BATCHES of the training split (`augment_dataset`, after
-`Dataset.batch`): one vectorised call per batch is much cheaper than one
-per image, and every image still gets its own random transform. The model
-stays free of augmentation, so the serving graph never contains it.
-
-Names accepted by `--augment` (comma separated; their order does not
-matter, the stages below always run in this order):
-
-  geometric, fused into ONE projective transform per image (`RandomGeometry`):
-    flip        random horizontal flip.
-    rotation    random rotation of up to +-36 degrees.
-    zoom        random zoom in or out by up to 20%.
-    crop        random resized crop: a window of 70-100% of each side (so
-                the aspect ratio varies too), anywhere inside the image,
-                scaled to full size.
-  colour (keras.layers.RandomContrast / RandomBrightness):
-    contrast    random contrast change by up to 20%.
-    brightness  random brightness shift by up to 20% of the value range.
-  policy:
-    randaugment keras.layers.RandAugment (2 of 11 ops per batch, each image
-                with its own magnitudes).
-  label mixing (need one-hot labels, so the batch's labels come out as
-  float32 [B, C] mixtures instead of int32 [B]):
-    mixup       keras.layers.MixUp (alpha 0.2).
-    cutmix      keras.layers.CutMix.
-    Both named: each batch gets one of the two, chosen at random.
-
-Fusing the geometric layers matters at 224 px: keras.layers.RandomFlip,
-RandomRotation and RandomZoom in sequence resample every image (twice the
-CPU time of one transform); one transform gives the same family of
-augmentations, resampled once (BUILD_NOTES.md has the figures). Borders
-uncovered by rotation or zoom-out are filled by reflection. Flip alone is
-a plain `RandomFlip` (a mirror, no resampling).
-
-Seeds: every layer draws from its own `keras.random.SeedGenerator`, so the
-same names and `--seed` give the same sequence of transforms. The state
-advances with each batch, so the random parameters are drawn in batch
-order, and only the pixel work runs in parallel (`Augmenter`). Given an
-epoch (`augment_dataset(..., epoch=...)`), each batch's draws depend only
-on `--seed`, the epoch and the batch's index in it: a run resumed in the
-middle of an epoch augments its remaining batches as an uninterrupted run
-does.
+Design notes: ARCHITECTURE.md, "Module notes", `augment.py`.
 """
 
 import math
@@ -283,8 +242,8 @@ def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
   """Builds the augmentation for the given `--augment` names.
 
   Args:
-    names: names from AUGMENTATIONS (see the module docstring); an empty
-      sequence or just "none" means no augmentation.
+    names: names from AUGMENTATIONS (ARCHITECTURE.md, "Module notes"), as
+      `config.parse_augment` gives them; empty: no augmentation.
     seed: base seed; each layer gets its own seed derived from it.
 
   Returns:
@@ -293,8 +252,7 @@ def build_augmenter(names: Sequence[str], seed: int) -> Optional[Augmenter]:
   Raises:
     UserError: a name is unknown.
   """
-  names = [name.strip().lower() for name in names if name.strip()]
-  if names in ([], ["none"]):
+  if not names:
     return None
   unknown = [name for name in names if name not in AUGMENTATIONS]
   if unknown:

@@ -1,23 +1,6 @@
 """Temperature scaling: calibrated probabilities from one fitted scalar.
 
-A classifier's highest probability need not match how often it is right:
-label smoothing (in the default recipe) pulls confidence down, training to
-a near-zero loss pushes it up; either way "accept above 0.9" need not mean
-90% right. Temperature scaling (Guo et al., "On
-Calibration of Modern Neural Networks", ICML 2017) divides the logits by
-one scalar T fitted on held-out data by minimising the negative
-log-likelihood of softmax(logits / T); here T is used only when a
-likelihood-ratio test finds it significantly better than T = 1, and the
-optimum is not at a bound of the search. Dividing by a positive scalar never
-changes which class is largest, so no prediction changes class.
-
-`fold_temperature` puts T into the model itself, by dividing the final
-Dense layer's kernel and bias by it: `model.keras` and every export then
-serve calibrated probabilities and scores with the architecture unchanged.
-
-The figures (`summarize`): expected calibration error over 15 equal-width
-confidence bins, as in Guo et al., the negative log-likelihood, the mean
-confidence (highest probability) and the accuracy.
+Design notes: ARCHITECTURE.md, "Module notes", `calibration.py`.
 """
 
 import math

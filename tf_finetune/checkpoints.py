@@ -1,34 +1,6 @@
 """Checkpoints: a run that dies resumes where it stopped, in the right stage.
 
-Layout of WORKDIR/checkpoints/ (removed once a run has written its report):
-
-  checkpoint.json           the pointer: which weights file is current, the
-                            position it was saved at (epoch, step), the stage
-                            its optimizer belongs to, the stage records so
-                            far, the run's fingerprint and its id, and the
-                            states of the model's random seed generators
-                            (Dropout's), which Keras weights files leave
-                            out (`model.seed_states`). Replaced
-                            atomically, and only after the file it names is
-                            complete on disk (files.py).
-  ckpt-EEEE-SSSSSS.weights.h5
-                            Keras weights file: every model weight
-                            (BatchNorm statistics included) and the stage's
-                            optimizer variables (Adam moments, iteration
-                            count, learning rate).
-
-Why not `keras.callbacks.BackupAndRestore` (Keras 3.15.1): it overwrites its
-weights file in place and writes the epoch next to it afterwards, so a crash
-mid-save leaves a torn file or a mismatched pair; it restores the epoch but
-not the step (`training_metadata.json` records the batch, `_load_model`
-ignores it), so a step checkpoint replays the epoch's first steps; it loads
-optimizer variables into whatever optimizer the model has, and Keras only
-warns and skips them when their number differs (the head stage's Adam vs
-the finetune stage's); and it deletes its backup in `on_train_end`, which
-also runs when `TerminateOnNaN` stops a diverged run (keras-team/keras#21771).
-Here the stage is applied before the weights are loaded (`restore`), and
-`fit_plan.fit_segments` finishes an interrupted epoch with its remaining
-steps only.
+Design notes: ARCHITECTURE.md, "Module notes", `checkpoints.py`.
 """
 
 import dataclasses
@@ -42,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import files, stages, stop_signals
+from tf_finetune import files, selection, stages, stop_signals
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, UserError
 
@@ -78,14 +50,31 @@ class TrainingState:
   epoch: int
   step: int
   stage: str
-  records: List[Dict]
+  records: List[stages.StageRecord]
   file: str
   num_optimizer_variables: int
   fingerprint: Dict
   run_id: str = ""
-  best: Optional[Dict] = None
+  best: Optional[selection.KeptState] = None
   best_file: Optional[str] = None
   seed_states: Optional[List[List[int]]] = None
+
+  def to_json(self) -> Dict:
+    """The pointer's fields, as JSON values."""
+    payload = dataclasses.asdict(self)
+    payload["records"] = [r.to_state() for r in self.records]
+    payload["best"] = None if self.best is None else self.best.to_json()
+    return payload
+
+  @classmethod
+  def from_json(cls, payload: Dict) -> "TrainingState":
+    """Reads `to_json`'s values; raises KeyError, TypeError on others."""
+    payload = dict(payload)
+    payload["records"] = [stages.StageRecord.from_state(r)
+                          for r in payload["records"]]
+    if payload.get("best") is not None:
+      payload["best"] = selection.KeptState.from_json(payload["best"])
+    return cls(**payload)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -102,8 +91,8 @@ def read_state(workdir: str) -> Optional[TrainingState]:
     if payload.get("format") != _FORMAT:
       raise ValueError(f"unknown format {payload.get('format')!r}")
     payload.pop("format")
-    return TrainingState(**payload)
-  except (ValueError, TypeError, AttributeError) as e:
+    return TrainingState.from_json(payload)
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
     raise UserError(f"--workdir={workdir!r}: {path} is not a checkpoint "
                     f"pointer this version can read ({e}). Pass --fresh to "
                     "delete the checkpoints and start over.") from e
@@ -128,7 +117,7 @@ def remove_checkpoints(workdir: str) -> None:
   files.remove_tree(folder)
 
 
-def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
+def restore(model: keras.Model, plan: stages.StagePlan, resume: TrainingState,
             folder: str) -> None:
   """Puts `model` in the saved stage, then loads weights and optimizer from
   the checkpoint `folder`.
@@ -137,15 +126,15 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
   variables before its saved variables can be loaded, because a Keras 3
   optimizer refuses variables it was not built with (ARCHITECTURE.md).
   """
-  stages.apply_stage(model, plan, state.stage)
+  stages.apply_stage(model, plan, resume.stage)
   num_variables = len(model.optimizer.variables)
-  if num_variables != state.num_optimizer_variables:
+  if num_variables != resume.num_optimizer_variables:
     raise UserError(
         f"{folder}: the checkpoint's optimizer has "
-        f"{state.num_optimizer_variables} variables, the model's optimizer "
-        f"in stage {state.stage!r} has {num_variables}: it was written by "
+        f"{resume.num_optimizer_variables} variables, the model's optimizer "
+        f"in stage {resume.stage!r} has {num_variables}: it was written by "
         "another version of tf_finetune. Pass --fresh to start over.")
-  path = os.path.join(folder, state.file)
+  path = os.path.join(folder, resume.file)
   try:
     model.load_weights(path)
   except Exception as e:  # h5py OSError, Keras ValueError: all "unusable".
@@ -153,17 +142,17 @@ def restore(model: keras.Model, plan: stages.StagePlan, state: TrainingState,
         f"Cannot load the checkpoint {path} "
         f"({type(e).__name__}: {str(e).strip()[:300]}). Pass --fresh to "
         "start over.") from e
-  if state.seed_states is not None:
-    model_lib.restore_seed_states(model, state.seed_states)
+  if resume.seed_states is not None:
+    model_lib.restore_seed_states(model, resume.seed_states)
   logging.info("Resuming from %s, %s (stage %r).", path,
-               describe_position(state.epoch, state.step, plan.total_epochs),
-               state.stage)
+               describe_position(resume.epoch, resume.step, plan.total_epochs),
+               resume.stage)
 
 
-def restore_best(best, state: TrainingState, folder: str) -> None:
+def restore_best(best, resume: TrainingState, folder: str) -> None:
   """Gives a `selection.BestWeights` the best epoch of the checkpoint."""
-  best.load(state.best, state.best_file and os.path.join(folder,
-                                                         state.best_file))
+  best.load(resume.best, resume.best_file and os.path.join(
+      folder, resume.best_file))
 
 
 def describe_position(epoch: int, step: int, total_epochs: int) -> str:
@@ -198,7 +187,7 @@ class Checkpointer(keras.callbacks.Callback):
     config: the run's Config (for the fingerprint and save_every_steps).
     stage_callback: whose records go into each checkpoint.
     steps_per_epoch: training batches per epoch.
-    start: the state being resumed from, or None.
+    resume: the checkpoint's state being resumed from, or None.
     model: the model to save; None: the model being fit. Stage head on
       cached features fits a head model that shares the full model's layers
       and optimizer (features.py); the checkpoint must hold the full model.
@@ -211,13 +200,13 @@ class Checkpointer(keras.callbacks.Callback):
 
   def __init__(self, workdir: str, config: Config,
                stage_callback: stages.TwoStageCallback, steps_per_epoch: int,
-               start: Optional[TrainingState] = None,
+               resume: Optional[TrainingState] = None,
                model: Optional[keras.Model] = None,
                unsaved_epochs: Sequence[int] = (), best=None):
     super().__init__()
     self._saved_model = model
     self.best = best
-    self._best_file = start.best_file if start else None
+    self._best_file = resume.best_file if resume else None
     self._best_id = best.snapshot_id() if best is not None else None
     self.unsaved_epochs = frozenset(unsaved_epochs)
     self.workdir = workdir
@@ -227,10 +216,11 @@ class Checkpointer(keras.callbacks.Callback):
     self.stage_callback = stage_callback
     self.plan = stage_callback.plan
     self.steps_per_epoch = steps_per_epoch
-    self._pending_offset = start.step if start else 0
+    self._pending_offset = resume.step if resume else 0
     self._offset = 0
-    self._epoch = start.epoch if start else 0
-    self.run_id = start.run_id if start and start.run_id else uuid.uuid4().hex
+    self._epoch = resume.epoch if resume else 0
+    self.run_id = (resume.run_id if resume and resume.run_id
+                   else uuid.uuid4().hex)
     self.stop_signal: Optional[int] = None
 
   def set_model(self, model):
@@ -284,7 +274,7 @@ class Checkpointer(keras.callbacks.Callback):
         best_file=self._best_file,
         seed_states=model_lib.seed_states(self.model))
     files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
-                            {"format": _FORMAT, **dataclasses.asdict(state)},
+                            {"format": _FORMAT, **state.to_json()},
                             indent=1)
     self._remove_other_files(name, self._best_file)
 

@@ -21,7 +21,6 @@ RESNET50_BLOCKS = tuple(
 MODES = ("train", "evaluate", "export", "predict", "tune")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 BACKBONES = ("resnet50",)
-DATASET_SCHEMES = ("demo", "folder:", "tfds:")
 TUNERS = ("hyperband", "bayesian", "random")
 # What `model.fit` logs; the direction follows from the name (loss: min).
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
@@ -72,7 +71,8 @@ class Preempted(Exception):
 
 def setting(default=dataclasses.MISSING, help: str = "", *,
             choices: Optional[Tuple[str, ...]] = None, resumable: bool = False,
-            recorded: bool = True, case_sensitive: bool = True):
+            recorded: bool = True, case_sensitive: bool = True,
+            absent=dataclasses.MISSING):
   """A `Config` field that also says what its flag and a resume need.
 
   main.py defines each flag from its field (type, default, help, choices),
@@ -92,10 +92,13 @@ def setting(default=dataclasses.MISSING, help: str = "", *,
       invocation, not of the run: reusing flags.cfg as --flagfile must not
       repeat it.
     case_sensitive: False lets the enum flag take any case of a choice.
+    absent: the value that does what versions without this setting did,
+      when the default does something new; default: the default.
   """
   return dataclasses.field(default=default, metadata={
       "help": help, "choices": choices, "resumable": resumable,
-      "recorded": recorded, "case_sensitive": case_sensitive})
+      "recorded": recorded, "case_sensitive": case_sensitive,
+      "absent": default if absent is dataclasses.MISSING else absent})
 
 
 def _search_help(name: str) -> str:
@@ -128,7 +131,7 @@ class Config:
   finetune_min_steps: int = setting(
       320, "Fewest training steps of stage finetune: --finetune_epochs grows "
       "to ceil(N / steps per epoch) when that is more (0: exactly "
-      "--finetune_epochs).")
+      "--finetune_epochs).", absent=0)
   finetune_learning_rate: float = setting(
       1e-4, "Learning rate of stage finetune.")
   unfreeze_blocks: int = setting(
@@ -246,10 +249,7 @@ class Config:
       choices, value = field.metadata["choices"], getattr(self, field.name)
       _check(choices is None or value in choices,
              f"--{field.name}={value!r}: expected one of {choices}.")
-    _check(self.dataset == "demo" or self.dataset.startswith(DATASET_SCHEMES[1:])
-           and len(self.dataset.split(":", 1)[1]) > 0,
-           f"--dataset={self.dataset!r}: expected 'demo', 'folder:DIR' or "
-           "'tfds:NAME[:VERSION]'.")
+    parse_dataset(self.dataset)
     _check(self.image_size >= 32,
            f"--image_size={self.image_size}: ResNet50 needs at least 32 pixels.")
     self._check_export_formats()
@@ -404,9 +404,30 @@ def parse_export_formats(value: str) -> Tuple[str, ...]:
 
 
 def parse_augment(value: str) -> Tuple[str, ...]:
-  """'flip, zoom' -> ('flip', 'zoom'); 'none' or '' -> ()."""
-  names = tuple(n.strip() for n in value.split(",") if n.strip())
+  """'flip, Zoom' -> ('flip', 'zoom'); 'none' or '' -> ()."""
+  names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
   return () if names in ((), ("none",)) else names
+
+
+def parse_dataset(dataset: str) -> Tuple[str, str]:
+  """`--dataset` -> (scheme, source): 'demo' -> ('demo', ''), 'folder:DIR'
+  -> ('folder', 'DIR'), 'tfds:NAME[:VERSION]' -> ('tfds', 'NAME[:VERSION]').
+
+  Raises:
+    UserError: any other value.
+  """
+  scheme, _, source = dataset.partition(":")
+  if dataset == "demo" or (scheme in ("folder", "tfds") and source):
+    return scheme, source
+  raise UserError(f"--dataset={dataset!r}: expected 'demo', 'folder:DIR' or "
+                  "'tfds:NAME[:VERSION]'.")
+
+
+def first_line(error: Exception) -> str:
+  """The first line of `error`'s message, at most 300 characters ("" for
+  none): Keras' and TFDS' messages can list every layer or file after it,
+  and a UserError quoting one stays one paragraph."""
+  return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def to_flagfile(config: Config) -> str:
@@ -450,12 +471,12 @@ def changed_flags(stored: Mapping[str, Any],
   stored fingerprint and the current one.
 
   A setting the stored fingerprint lacks was added by a later version of
-  tf_finetune: the stored work ran as its default does (a new setting's
-  default keeps the behaviour from before it), so it differs only when set
-  to another value. A setting only `stored` has was removed: nothing here
+  tf_finetune: the stored work ran as the setting's `absent` value does
+  (its default, unless the default changed the behaviour), so it differs
+  only when set to another value. A setting only `stored` has was removed: nothing here
   could honour it, so it is no change.
   """
-  defaults = _as_json({field.name: field.default
+  defaults = _as_json({field.name: field.metadata["absent"]
                        for field in dataclasses.fields(Config)
                        if field.default is not dataclasses.MISSING})
   changes = []

@@ -1,28 +1,6 @@
-"""Input stage: image sources -> decoded, resized uint8 batches via tf.data.
+"""Input pipelines: image sources -> decoded, resized uint8 batches via tf.data.
 
-Sources (`--dataset`):
-
-  demo             generated shapes (`demo_data.py`), written once as files
-                   and read through the `folder:` path below.
-  folder:DIR       one sub-folder per class, or a `train/ [val/] [test/]`
-                   level above the class folders (`folder_source.py`).
-                   Splits the source lacks are carved from train, stratified
-                   by class. Unusable files are skipped and listed.
-  tfds:NAME[:VER]  a TFDS image classification dataset. Missing validation
-                   or test splits are carved from the start of train with
-                   TFDS split slicing: deterministic, not stratified.
-
-Every split comes out as batches of (uint8 [B, S, S, 3], int32 [B]): the
-model does its own preprocessing, so these are exactly the pixels that the
-serving signature `serving_tensor` takes. (With `--augment=mixup` or
-`cutmix` the training labels are float32 [B, C] mixtures instead.)
-
-Speed: files are read and decoded by a parallel map (AUTOTUNE; TFDS reads
-its record shards interleaved in parallel itself), resized before
-batching, cached in memory as uint8 when the split fits CACHE_BUDGET_BYTES
-(later epochs then only shuffle, batch and augment), augmented per batch,
-and prefetched. Everything is TensorFlow ops. `tools/bench_input.py`
-measures it against the tutorial pipeline.
+Design notes: ARCHITECTURE.md, "Module notes", `data.py`.
 """
 
 import dataclasses
@@ -38,7 +16,7 @@ from tf_finetune import decode
 from tf_finetune import demo_data
 from tf_finetune import folder_source
 from tf_finetune import weighting
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import Config, UserError, first_line, parse_dataset
 from tf_finetune.folder_source import SPLITS
 
 # Decoded splits up to this size are cached in memory after the first epoch
@@ -47,11 +25,6 @@ CACHE_BUDGET_BYTES = 1 << 30
 # Shuffle buffer (in examples) of a split too big to cache: shuffling then
 # happens on undecoded records, before decoding.
 RECORD_SHUFFLE_BUFFER = 10_000
-
-ensure_demo_dataset = demo_data.ensure_demo_dataset
-# The one decoder of training, checking and serving (export.py uses it).
-decode_and_resize = decode.decode_and_resize
-resize_image = decode.resize_image
 
 
 @dataclasses.dataclass
@@ -63,6 +36,12 @@ class Datasets:
       and augmented on every pass; one pass is one epoch. When the
       augmentation mixes labels (MixUp, CutMix) the labels are float32
       [B, C] instead, one-hot mixtures summing to 1.
+    train_from: (first epoch, end epoch) -> the training batches of epochs
+      [first, end), `ceil(num_examples["train"] / batch size)` per epoch.
+      Epoch e's order and augmentation depend only on --seed and e, so a
+      run resumed at any epoch and step trains on the batches an
+      uninterrupted run would. The fits on images train on these; `train`
+      is the source of stage head's augmented feature views (features.py).
     val: batches in a fixed order, not augmented.
     test: like `val`, or None when the run has no test split.
     class_names: sorted class folder names, or the TFDS label names;
@@ -74,24 +53,19 @@ class Datasets:
     train_unaugmented: the training split like `val`: fixed order, not
       augmented (stage head's cached features with --feature_views=1,
       features.py); None: `train` stands in for it.
-    train_from: (first epoch, end epoch) -> the training batches of epochs
-      [first, end), `ceil(num_examples["train"] / batch size)` per epoch.
-      Epoch e's order and augmentation depend only on --seed and e, so a
-      run resumed at any epoch and step trains on the batches an
-      uninterrupted run would. None (stand-ins in tests): `train` is used.
     class_counts: examples per class of each split, e.g. {"train": [50,
       25], "val": [10, 10], "test": []}, in class_names order (class
       weighting, weighting.py; a TFDS source counts train and val only);
       None: unknown (stand-ins in tests).
   """
   train: tf.data.Dataset
+  train_from: Callable[[int, int], tf.data.Dataset]
   val: tf.data.Dataset
   test: Optional[tf.data.Dataset]
   class_names: list
   num_examples: dict
   skipped_files: list
   train_unaugmented: Optional[tf.data.Dataset] = None
-  train_from: Optional[Callable[[int], tf.data.Dataset]] = None
   class_counts: Optional[Dict[str, list]] = None
 
 
@@ -102,15 +76,12 @@ def create_datasets(config: Config) -> Datasets:
     UserError: the source is missing, malformed, has no usable images for a
       class, or a split would be empty.
   """
-  if config.dataset == "demo":
-    return _folder_datasets(ensure_demo_dataset(config.data_dir), config)
-  scheme, _, rest = config.dataset.partition(":")
-  if scheme == "folder" and rest:
-    return _folder_datasets(rest, config)
-  if scheme == "tfds" and rest:
-    return _tfds_datasets(rest, config)
-  raise UserError(f"--dataset={config.dataset!r}: expected 'demo', "
-                  "'folder:DIR' or 'tfds:NAME[:VERSION]'.")
+  scheme, source = parse_dataset(config.dataset)
+  if scheme == "demo":
+    source = demo_data.ensure_demo_dataset(config.data_dir)
+  if scheme == "tfds":
+    return _tfds_datasets(source, config)
+  return _folder_datasets(source, config)
 
 
 # ---------------------------------------------------------------- pipeline
@@ -136,17 +107,23 @@ def _batches(records: tf.data.Dataset, load, num_examples: int,
   if training:
     return _training_inputs(records, load, num_examples, config, augmenter,
                             num_classes, cache)[0]
-  dataset = _decode(records, load, num_examples, config, cache)
+  dataset = _decode(records, load,
+                    _caches_in_memory(cache, num_examples, config))
   return shard_by_data(dataset.batch(config.batch_size).prefetch(
       tf.data.AUTOTUNE))
 
 
-def _decode(records: tf.data.Dataset, load, num_examples: int,
-            config: Config, cache: Optional[bool]) -> tf.data.Dataset:
-  """Decoded examples in the records' order, cached in memory when `cache`
-  (None: when they fit CACHE_BUDGET_BYTES)."""
-  if cache is None:
-    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+def _caches_in_memory(cache: Optional[bool], num_examples: int,
+                      config: Config) -> bool:
+  """`cache`, or when None, whether the split's decoded images fit
+  CACHE_BUDGET_BYTES."""
+  if cache is not None:
+    return cache
+  return num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
+
+
+def _decode(records: tf.data.Dataset, load, cache: bool) -> tf.data.Dataset:
+  """Decoded examples in the records' order, cached in memory when `cache`."""
   # Deterministic order: with a seed, the same run sees the same batches.
   dataset = records.map(load, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
@@ -157,7 +134,7 @@ def _training_inputs(records: tf.data.Dataset, load, num_examples: int,
                      config: Config, augmenter, num_classes: int,
                      cache: Optional[bool] = None
                      ) -> Tuple[tf.data.Dataset,
-                                Callable[[int], tf.data.Dataset]]:
+                                Callable[[int, int], tf.data.Dataset]]:
   """(`Datasets.train`, `Datasets.train_from`) of a training split; both
   read one decode cache.
 
@@ -166,9 +143,8 @@ def _training_inputs(records: tf.data.Dataset, load, num_examples: int,
   images). Epoch e of `train_from` is shuffled with a seed made of --seed
   and e, and augmented with draws keyed by (e, batch index).
   """
-  if cache is None:
-    cache = num_examples * config.image_size ** 2 * 3 <= CACHE_BUDGET_BYTES
-  decoded = _decode(records, load, num_examples, config, cache)
+  cache = _caches_in_memory(cache, num_examples, config)
+  decoded = _decode(records, load, cache)
 
   def shuffled(seed) -> tf.data.Dataset:
     if cache:
@@ -284,8 +260,9 @@ def _file_records(files: Sequence[Tuple[str, int]], config: Config):
       (list(paths), tf.constant(labels, tf.int32)))
 
   def load(path, label):
-    return decode_and_resize(tf.io.read_file(path), config.image_size,
-                             config.max_image_pixels), label
+    image = decode.decode_and_resize(tf.io.read_file(path), config.image_size,
+                                     config.max_image_pixels)
+    return image, label
 
   return records, load
 
@@ -301,9 +278,9 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   builder = _prepare_tfds_builder(tfds, name, version or None, config.data_dir)
   image_key, label_key = _tfds_feature_keys(builder.info, name)
   image_feature = builder.info.features[image_key]
-  # Encoded (PNG/JPEG) images are decoded by decode_and_resize, like files
-  # and like the serving graph: same pixels, 16-bit PNGs scaled to 8 bits,
-  # large JPEGs decoded at reduced scale.
+  # Encoded (PNG/JPEG) images are decoded by decode.decode_and_resize, like
+  # files and like the serving graph: same pixels, 16-bit PNGs scaled to 8
+  # bits, large JPEGs decoded at reduced scale.
   encoded = image_feature.np_dtype in (np.uint8, np.uint16)
   channels = image_feature.shape[-1]
   augmenter = augment_lib.build_augmenter(config.augment, config.seed)
@@ -312,12 +289,13 @@ def _tfds_datasets(spec: str, config: Config) -> Datasets:
   def load(example):
     label = tf.cast(example[label_key], tf.int32)
     if encoded:
-      return decode_and_resize(example[image_key], config.image_size,
-                               config.max_image_pixels), label
+      return decode.decode_and_resize(example[image_key], config.image_size,
+                                      config.max_image_pixels), label
     image = example[image_key]
     if channels == 1:
       image = tf.image.grayscale_to_rgb(image)
-    return resize_image(tf.cast(image, tf.uint8), config.image_size), label
+    return decode.resize_image(tf.cast(image, tf.uint8),
+                               config.image_size), label
 
   decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
   datasets, counts = {}, {}
@@ -363,8 +341,10 @@ def _prepare_tfds_builder(tfds, name: str, version: Optional[str],
   except (tfds.core.registered.DatasetNotFoundError, AssertionError,
           ValueError) as error:
     # AssertionError is what TFDS raises for an unknown version.
-    raise UserError(f"{shown}: TFDS cannot load it ({_first_line(error)}). "
-                    "tfds.list_builders() lists the dataset names.") from error
+    raise UserError(
+        f"{shown}: TFDS cannot load it "
+        f"({first_line(error) or type(error).__name__}). "
+        "tfds.list_builders() lists the dataset names.") from error
   try:
     builder.download_and_prepare()
   except Exception as error:  # pylint: disable=broad-except
@@ -374,14 +354,10 @@ def _prepare_tfds_builder(tfds, name: str, version: Optional[str],
              else "--data_dir (unset: ~/tensorflow_datasets)")
     raise UserError(
         f"{shown}: download_and_prepare failed ({type(error).__name__}: "
-        f"{_first_line(error)}). Without internet, prepare the dataset on "
-        f"another machine and copy it into {where}.") from error
+        f"{first_line(error) or type(error).__name__}). Without internet, "
+        f"prepare the dataset on another machine and copy it into {where}."
+    ) from error
   return builder
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
 
 
 def _tfds_feature_keys(info, name: str) -> Tuple[str, str]:

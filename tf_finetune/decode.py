@@ -1,44 +1,6 @@
 """Decoding: encoded image bytes -> uint8 [H, W, 3], the same way everywhere.
 
-`decode_and_resize` is the one function that turns a file's bytes into the
-pixels the model sees: the training pipeline (`data.py`), the up-front check
-of folder sources (`folder_source.py`) and the exported serving graph
-(`export.py`) all call it, so what is served equals what was trained and
-checked. It is made of TensorFlow ops only (no Python in the hot path, and
-TF Serving runs it as is).
-
-The format is taken from the content, never from the file name, so a PNG
-called `x.jpg` decodes. Handled: JPEG (baseline, progressive, grayscale,
-CMYK), PNG (grayscale, palette, RGBA, 16-bit: alpha dropped, 16-bit scaled
-to 8), GIF (first frame), BMP (24/32-bit, and 1/2/4/8-bit with a colour
-table), WebP (still images).
-
-Two places where `tf.io.decode_image` alone is not enough:
-
-  * Indexed BMPs: TensorFlow's BMP decoder ignores the colour table and
-    returns the palette INDICES as a grayscale image (silently wrong colours
-    for 8-bit palette BMPs) and rejects 1- and 4-bit ones ("Number of
-    channels inherent in the image must be 1, 3 or 4, was 0";
-    tensorflow/tensorflow#60603, #13942). `_decode_indexed_bmp` reads the
-    colour table itself.
-  * Large JPEGs: libjpeg can scale by 1/2, 1/4 or 1/8 while decoding (in
-    the DCT domain), which is several times cheaper than decoding a 12 MP
-    photo in full and then shrinking it. `_decode_jpeg` uses the largest
-    scale that keeps both sides at least the target size; the antialiased
-    resize then does the rest.
-
-An image's width and height are read from its header first, in the graph,
-and an image above `max_pixels` (`--max_image_pixels`) is refused before
-any pixel is decoded: a PNG of one colour compresses 23,000 x 23,000 pixels
-into half a megabyte, and decoding it takes seconds and gigabytes
-(`image_dimensions`, `check_pixel_limit`; README, "Images too large to
-decode"). The header says how large the decoded image will be because the
-decoders allocate what it says: TensorFlow's JPEG, PNG, BMP and WebP
-decoders the image size, its GIF decoder the largest frame's sides.
-
-Truncated files are not "repaired": TensorFlow's JPEG and PNG decoders
-reject them, and a JPEG recovered with `try_recover_truncated` has grey
-rows where data was missing, which would train the model on damage.
+Design notes: ARCHITECTURE.md, "Module notes", `decode.py`.
 """
 
 import re
@@ -67,8 +29,6 @@ _SIGNATURES = (
       for brand in (b"heic", b"heix", b"mif1", b"avif")),
 )
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
-# --max_image_pixels' default, Pillow's.
-DEFAULT_MAX_PIXELS = config.DEFAULT_MAX_IMAGE_PIXELS
 # Starts the message of a refused image (and file_check's reason).
 TOO_LARGE = "image too large to decode"
 # The smallest JPEG header libjpeg reads a size from (1 x 1: start of
@@ -108,9 +68,10 @@ _GIF_MAX_STEPS = 20_000
 _JPEG_RATIOS = (8, 4, 2, 1)
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
-  """Decodes one encoded image to uint8 [S, S, 3] (see the module docstring).
+def decode_and_resize(
+    image_bytes: tf.Tensor, image_size: int,
+    max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
+  """Decodes one encoded image to uint8 [S, S, 3] (ARCHITECTURE.md, decode.py).
 
   Args:
     image_bytes: scalar tf.string, the content of an image file.
@@ -126,8 +87,9 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int,
                                    max_pixels=max_pixels), image_size)
 
 
-def decode_image(image_bytes: tf.Tensor, min_size: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+def decode_image(
+    image_bytes: tf.Tensor, min_size: int = 0,
+    max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
   """Decodes one encoded image to uint8 [H, W, 3], choosing by content.
 
   Args:

@@ -1,16 +1,6 @@
 """The built-in `demo` dataset: generated shapes, written once as PNG files.
 
-`--dataset=demo` must work without internet and train to a clearly better
-than chance accuracy in a minute. So: five classes of simple shapes on noisy
-backgrounds, with random sizes, positions and colours. Each class draws its
-colour around its own hue, which lets even a frozen random-init backbone
-with a linear head separate the classes; the shapes keep the task visual.
-
-The images are written once as ordinary files in one folder per class and
-read back through the `folder:` code path, so the demo exercises exactly
-what users' own data goes through. The generator is seeded and versioned
-("demo-v1"): change the images and you must change the version, because an
-existing folder is reused as is.
+Design notes: ARCHITECTURE.md, "Module notes", `demo_data.py`.
 """
 
 import os

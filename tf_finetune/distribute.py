@@ -1,26 +1,6 @@
-"""Distribution stage: the tf.distribute strategy a run trains under.
+"""Distribution: the tf.distribute strategy a run trains under.
 
-`--strategy` (with `TF_CONFIG` for several machines):
-
-  one_device    the first GPU, else the CPU (TensorFlow's default strategy).
-  mirrored      every local GPU (or the `--virtual_cpu_devices` CPU devices),
-                one replica each, gradients all-reduced in-process.
-  multi_worker  `MultiWorkerMirroredStrategy` over the cluster that the
-                `TF_CONFIG` environment variable names; every machine runs the
-                same command with its own `task` in TF_CONFIG.
-  auto          multi_worker when TF_CONFIG names more than one task,
-                mirrored when more than one GPU is visible, else one_device.
-
-`--batch_size` is the global batch: tf.distribute splits each batch across
-all replicas of all workers, so the same flags mean the same batches and
-learning rates on any number of devices. Learning rates are never rescaled.
-
-Multi-worker runs need four more things from this module: a workaround
-for Keras' `fit` under MultiWorkerMirroredStrategy
-(`install_keras_multi_worker_fix`), chief-only outputs (`chief_outputs`),
-the check that all workers resume from the same checkpoint
-(`check_same_start`) and a clear error when a peer dies
-(`explain_peer_failures`).
+Design notes: ARCHITECTURE.md, "Module notes", `distribute.py`.
 """
 
 import contextlib

@@ -1,18 +1,6 @@
-"""Evaluation stage (`--mode=evaluate`): the trained model on held-out data.
+"""Evaluation (`--mode=evaluate`): the trained model on held-out data.
 
-Loads WORKDIR/model.keras, runs it over the test split (else the validation
-split) of `--dataset`, and writes WORKDIR/evaluation.json (accuracy, top-5
-accuracy when there are more than 5 classes, per-class precision, recall
-and F1, the confusion matrix, calibration figures) and
-WORKDIR/confusion_matrix.png and WORKDIR/reliability.png.
-
-The metrics are computed from the model's probabilities with numpy, in one
-pass over the split, so every number in the file comes from the same
-predictions.
-
-With `--runtime=tflite` or `tflite_int8` the metrics are those of that
-LiteRT model of the latest export version, and evaluation.json's "litert"
-compares both LiteRT models with the SavedModel of that version.
+Design notes: ARCHITECTURE.md, "Module notes", `evaluate.py`.
 """
 
 import os
@@ -24,7 +12,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (calibration, data, export, files, litert, plots,
-                         predict, report, train)
+                         predict, report, saved_models)
 from tf_finetune.config import Config, UserError
 
 EVALUATION_FILE = "evaluation.json"
@@ -49,7 +37,7 @@ def run_evaluation(config: Config) -> Dict:
   """
   if config.runtime != "tensorflow":
     return run_litert_evaluation(config)
-  model = train.load_trained_model(config.workdir)
+  model = saved_models.load_trained_model(config.workdir)
   datasets = data.create_datasets(config)
   _check_classes(model, datasets.class_names, config.workdir)
   split = "test" if datasets.test is not None else "val"

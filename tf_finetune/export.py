@@ -1,31 +1,6 @@
-"""Export stage: a versioned SavedModel that TF Serving serves as is.
+"""Export: a versioned SavedModel that TF Serving serves as is.
 
-Layout (TF Serving's): `EXPORT_ROOT/<version>/`, version = 1, 2, 3 ...
-Each version has two signatures with the same outputs (`probabilities`,
-`classes`, `scores`):
-
-- `serving_default`: `image_bytes`, tf.string [None], encoded JPEG/PNG/GIF/
-  BMP, so the REST form `{"b64": ...}` works. Decoding and resizing run in
-  the graph through `data.decode_and_resize`, the function training used,
-  with the pixel limit (`--max_image_pixels`, recorded in
-  `assets/metadata.json`): an image whose header says more pixels fails the
-  request with InvalidArgument before it is decoded.
-- `serving_tensor`: `images`, uint8 [None, S, S, 3], already decoded.
-
-Class names are a constant in the graph (served answers need no file) and
-also files under `assets/` for people and tools reading the folder.
-
-A version is written into a hidden temporary folder beside it and moved
-into place whole (files.move_folder_into_place), so TF Serving (which polls
-the folder) never sees half a model on a local disk.
-
-A training run that passes its run id (checkpoints.read_run_id) has it
-recorded in `assets/run_id.txt`; killed after its export and rerun, it
-finds its own version and exports no second one.
-
-With format "tflite" the version also holds LiteRT models of the same
-weights in `<version>/tflite/` (litert.py), written before the version is
-moved into place.
+Design notes: ARCHITECTURE.md, "Module notes", `export.py`.
 """
 
 import json
@@ -36,7 +11,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, decode, files, litert
+from tf_finetune import decode, files, litert, saved_models
+from tf_finetune.config import DEFAULT_MAX_IMAGE_PIXELS, Config
 
 CLASS_NAMES_FILE = "class_names.txt"
 METADATA_FILE = "metadata.json"
@@ -50,7 +26,7 @@ def export_saved_model(model: keras.Model, class_names: Sequence[str],
                        image_size: int, export_root: str,
                        top_k: int = 5, run_id: Optional[str] = None,
                        formats: Sequence[str] = ("saved_model",),
-                       max_image_pixels: int = decode.DEFAULT_MAX_PIXELS
+                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                        ) -> str:
   """Writes a new version `export_root/<N>/`, unless run `run_id` exported
   one already, and returns its path.
@@ -135,7 +111,7 @@ def find_version_of_run(export_root: str, run_id: str,
 
 def build_export_archive(model: keras.Model, class_names: Sequence[str],
                          image_size: int, top_k: int = 5,
-                         max_image_pixels: int = decode.DEFAULT_MAX_PIXELS
+                         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                          ) -> keras.export.ExportArchive:
   """Returns an ExportArchive with the two serving signatures, not written.
 
@@ -147,7 +123,7 @@ def build_export_archive(model: keras.Model, class_names: Sequence[str],
 
   def serve_image_bytes(image_bytes):
     images = tf.map_fn(
-        lambda one: data.decode_and_resize(one, image_size,
+        lambda one: decode.decode_and_resize(one, image_size,
                                            max_image_pixels), image_bytes,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                           tf.uint8))
@@ -308,3 +284,15 @@ def _move_into_place(temp_dir: str, export_root: str) -> str:
       error = e
   raise RuntimeError(
       f"Could not claim a version number in {export_root}.") from error
+
+
+def run_export(config: Config) -> str:
+  """`--mode=export`: re-exports WORKDIR/model.keras as a new version."""
+  model = saved_models.load_trained_model(config.workdir)
+  image_size = model.input_shape[1]  # The trained size, whatever the flag says.
+  path = export_saved_model(
+      model, saved_models.read_class_names(config.workdir), image_size,
+      config.resolved_export_dir, config.top_k, formats=config.export_formats,
+      max_image_pixels=config.max_image_pixels)
+  logging.info("Export: %s", path)
+  return path

@@ -1,27 +1,6 @@
 """Stage head on cached backbone features (`--cache_features`, the default).
 
-In stage "head" the backbone is frozen and runs in inference mode (every
-BatchNormalization layer is non-trainable, see stages.py), so its pooled
-output is a pure function of the input image. The tutorials' recipe still
-pushes every image through the whole ResNet50 in every epoch, validation
-included. Here each training image goes through it once per view (K views,
-`--feature_views`; 1 is the un-augmented image), each validation image
-once, and the head trains on the cached features; head epoch e trains on
-view e mod K, reshuffled:
-
-  images --backbone, once per view--> cache --E head epochs--> head
-
-The head model is made of the full model's own head layers (Dropout, Dense),
-not copies, and is compiled with the full model's own optimizer: the
-weights and optimizer state it trains ARE the full model's, so checkpoints
-(which save the full model) and stage "finetune" (which continues on images
-with `model.fit(initial_epoch=head_epochs)`) see them. `train.fit_stages`
-runs both; one epoch axis, the same callbacks and the same report as a
-single `fit` would give.
-
-Storage: in memory up to `--cache_memory_mb`; a view that would exceed it
-goes whole to a TFRecord file under WORKDIR/feature_cache/, which is deleted
-when stage head ends.
+Design notes: ARCHITECTURE.md, "Module notes", `features.py`.
 """
 
 import dataclasses
@@ -207,8 +186,8 @@ class CachedHeadStage:
     Returns:
       The stage record's "probe" field.
     """
-    resumed = next((r.get("probe") for r in self.stage_callback.records
-                    if r["name"] == stages.HEAD), None)
+    resumed = next((r.probe for r in self.stage_callback.records
+                    if r.name == stages.HEAD), None)
     if resumed is not None:
       return resumed
     mean, scale = probe.feature_moments([v.dataset() for v in self.views])

@@ -1,22 +1,6 @@
 """The up-front check of a folder source: which files cannot be decoded, why.
 
-Why up front rather than dropping bad files on the fly: the split sizes,
-the steps per epoch and `report.json` must say exactly which files were
-used, and a bad file must not stop a run hours in. So every candidate file
-is decoded once, in one parallel tf.data pass, with the pipeline's own
-decoder (`decode.decode_and_resize`; a header check would pass truncated
-files) at a thumbnail size, where libjpeg skips most of the work. An
-image whose header says more pixels than `--max_image_pixels` is refused
-before it is decoded, as the decoder refuses it everywhere
-(decode.check_pixel_limit).
-
-That still costs about one JPEG decode per file. So the verdicts are kept
-in a small JSON file per dataset folder (under `--data_dir`, default
-`~/.cache/tf_finetune/checks/`), keyed by path, size, modification time and
-the pixel limit: later runs on the same folder (another training run,
-`--mode=evaluate`, tuning trials) check only new or changed files, and a
-run with another `--max_image_pixels` checks every file again (a verdict
-depends on the limit).
+Design notes: ARCHITECTURE.md, "Module notes", `file_check.py`.
 """
 
 import hashlib
@@ -29,7 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import decode, files
+from tf_finetune import config, decode, files
 
 # The check decodes at this side: a JPEG of 8x this or more is then decoded
 # at 1/8 scale, by the same code path as training.
@@ -44,7 +28,7 @@ _CACHE_VERSION = f"decode-v2/tf-{tf.__version__}"
 
 def find_undecodable(paths: Sequence[str], progress: Optional[bool] = None,
                      cache_file: str = "",
-                     max_pixels: int = decode.DEFAULT_MAX_PIXELS
+                     max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS
                      ) -> Dict[str, str]:
   """Finds the files that `decode.decode_and_resize` cannot decode.
 
@@ -122,7 +106,7 @@ def _check(paths: Sequence[str], progress: Optional[bool],
 
 
 def describe_failure(path: str,
-                     max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> str:
+                     max_pixels: int = config.DEFAULT_MAX_IMAGE_PIXELS) -> str:
   """One line saying why `path` cannot be decoded (with the pixel limit
   `max_pixels`)."""
   try:

@@ -1,33 +1,6 @@
 """Atomic, durable writes and safe reads on any file system TensorFlow reads.
 
-The JSON reports, flags.cfg, the checkpoints and their pointer, the plots,
-the file-check cache, the demo images and the SavedModel versions are
-written through here. A reader (a resuming run, TF Serving polling the
-export folder, a person) sees the previous content or the new one, never a
-mix.
-
-Local paths (no `scheme://`):
-  The content goes to a hidden temporary file beside the target (`.tmp-*`,
-  same folder, hence same file system), is flushed and fsynced, renamed over
-  the target with `os.replace` (atomic on POSIX), and the folder is fsynced
-  so that the rename itself survives a power cut. A crash at any point leaves
-  the old file whole; at worst a `.tmp-*` file is left behind.
-
-Other paths (`gs://`, `ram://`, `hdfs://`, ...; through `tf.io.gfile`):
-  The content goes to a temporary name beside the target, then
-  `tf.io.gfile.rename(..., overwrite=True)`. What that guarantees depends on
-  the store. On object stores (Google Cloud Storage, S3) an object appears
-  only once its upload is complete, so a reader never sees a half-written
-  file; but a rename is a copy and a delete, not atomic: a crash between the
-  two leaves the temporary object beside the complete target. Folders are
-  only name prefixes there, so a folder is moved file by file (see
-  `move_folder_into_place`): a reader listing it mid-move can see part of
-  it. fsync has no meaning there and is not attempted. Since TensorFlow
-  2.20, `gs://` needs `pip install "tensorflow[gcs-filesystem]"`.
-
-Keras (`model.save`, `save_weights`) and matplotlib write local files only
-reliably; `atomic_output` gives them a local temporary path and then copies
-the finished file to where it belongs.
+Design notes: ARCHITECTURE.md, "Module notes", `files.py`.
 """
 
 import contextlib

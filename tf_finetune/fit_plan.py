@@ -22,9 +22,9 @@ class FitSegment:
   skip_batches: int
 
 
-def fit_segments(state: Optional[TrainingState], total_epochs: int,
+def fit_segments(resume: Optional[TrainingState], total_epochs: int,
                  split_at: int = 0) -> List[FitSegment]:
-  """The fits that train what is left after `state`.
+  """The fits that train what is left after the checkpoint `resume`.
 
   Keras runs every epoch of one `fit` over the whole dataset, so an epoch
   interrupted at step S is finished by a fit of its own over the dataset
@@ -32,7 +32,7 @@ def fit_segments(state: Optional[TrainingState], total_epochs: int,
   A fit that would run across epoch `split_at` (> 0) is split there: stage
   head on cached features and stage finetune on images are different fits.
   """
-  epoch, step = (state.epoch, state.step) if state else (0, 0)
+  epoch, step = (resume.epoch, resume.step) if resume else (0, 0)
   segments = []
   if step > 0 and epoch < total_epochs:
     segments.append(FitSegment(epoch, epoch + 1, step))

@@ -1,26 +1,6 @@
 """The `folder:` source: class folders -> usable files, split three ways.
 
-Everything here runs once, up front, in plain Python and one tf.data pass:
-list the class folders, find the files that cannot be decoded, and assign
-the rest to train, val and test. `data.py` turns the result into pipelines.
-
-Which files count: every visible file whose name ends in an image extension
-(any case) is a candidate; everything else (hidden entries, `.txt`, `.csv`,
-...) is ignored. Candidates are decoded by content, so a PNG named `.jpg` is
-used, and those that cannot be decoded (empty, truncated, not an image, a
-format TensorFlow cannot read such as TIFF or HEIC) are skipped and listed
-with the reason.
-
-The check itself (why up front, and how it stays fast) is in
-`file_check.py`.
-
-Layouts (hidden entries and non-image files are ignored everywhere):
-
-  DIR/CLASS/...                  classes only: val and test are carved from
-                                 each class (`assign_splits`).
-  DIR/train/CLASS/... [DIR/val/CLASS/...] [DIR/test/CLASS/...]
-                                 explicit splits: those present are used as
-                                 they are, the missing ones carved from train.
+Design notes: ARCHITECTURE.md, "Module notes", `folder_source.py`.
 """
 
 import hashlib
@@ -38,7 +18,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
 # in fact a decodable format), so that the user learns they were left out.
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl",
                           ".jp2")
-find_undecodable = file_check.find_undecodable
 # Folder names accepted for each split of an explicit split level.
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"),
                   "test": ("test",)}
@@ -67,7 +46,7 @@ def list_folder_splits(root: str, config: Config):
   class_names = _list_class_names(split_dirs["train"])
   found = {split: _list_split_files(folder, class_names, split_dirs["train"])
            for split, folder in split_dirs.items()}
-  bad = find_undecodable(
+  bad = file_check.find_undecodable(
       [path for per_class in found.values()
        for paths in per_class.values() for path in paths],
       cache_file=file_check.cache_file_for(root, config.data_dir),

@@ -1,31 +1,6 @@
 """LiteRT (TensorFlow Lite) models for phones and devices, and running them.
 
-`--export_formats=saved_model,tflite` adds a folder `tflite/` to each
-exported SavedModel version:
-
-  EXPORT_ROOT/<N>/tflite/model.tflite       float32 weights
-  EXPORT_ROOT/<N>/tflite/model_int8.tflite  int8 weights (dynamic range)
-  EXPORT_ROOT/<N>/tflite/labels.txt         class names, one a line
-  EXPORT_ROOT/<N>/tflite/metadata.json      image size, classes, files
-
-Inside the version, so the .tflite files are the same weights as the
-SavedModel beside them and are written and moved into place with it; TF
-Serving loads a version's saved_model.pb and variables/ and ignores the
-folder. Both models take what the SavedModel's `serving_tensor` takes,
-uint8 RGB pixels [N, S, S, 3] (N = 1 as converted; any N after
-`resize_tensor_input`), preprocessing included, and return float32
-`probabilities` [N, C].
-
-Conversion is the Keras 3 path: an `ExportArchive` SavedModel of the model
-(written to a temporary folder), then `tf.lite.TFLiteConverter`, builtin
-ops only, so the LiteRT runtime of a phone needs no TensorFlow ops. The
-int8 variant is dynamic-range quantisation (`Optimize.DEFAULT`, no
-representative data): weights stored as int8, activations computed in
-float.
-
-Running uses LiteRT's own interpreter (`ai_edge_litert`, PyPI
-`ai-edge-litert`; `tf.lite.Interpreter` is deprecated in its favour), an
-optional dependency.
+Design notes: ARCHITECTURE.md, "Module notes", `litert.py`.
 """
 
 import json
@@ -62,7 +37,8 @@ def write_tflite_models(model, class_names: Sequence[str], image_size: int,
     model: maps uint8 images [None, S, S, 3] to probabilities [None, C].
     class_names: the C class names, in output order (labels.txt).
     image_size: S.
-    folder: created if missing; gets the four files of the module docstring.
+    folder: created if missing; gets the four files of ARCHITECTURE.md's
+      "Module notes", `litert.py`.
 
   Returns:
     {file name: size in bytes} of the two models.

@@ -107,7 +107,8 @@ def main(argv):
         print(format_litert_comparison(result["litert"]))
       print(f"evaluation: {os.path.join(config.workdir, 'evaluation.json')}")
     elif config.mode == "export":
-      print(f"export: {train.run_export(config)}")
+      from tf_finetune import export
+      print(f"export: {export.run_export(config)}")
     elif config.mode == "predict":
       from tf_finetune import predict
       print_predictions(predict.run_prediction(config), config.workdir)
@@ -167,7 +168,7 @@ def format_litert_comparison(comparison):
 def print_predictions(result, workdir):
   """Summary on stdout; each skipped file on stderr, as it needs attention."""
   for skipped in result["skipped_files"]:
-    print(f"tf_finetune: skipped {skipped['file']}: {skipped['reason']}",
+    print(f"tf_finetune: skipped {skipped['path']}: {skipped['reason']}",
           file=sys.stderr)
   print(f"predicted: {len(result['predictions'])} files with "
         f"{result['export_path']}, skipped: {len(result['skipped_files'])}")

@@ -1,4 +1,4 @@
-"""Model stage: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
+"""The model: uint8 images -> preprocessing -> ResNet50 -> pool -> dropout -> Dense.
 
 Preprocessing lives inside the model, so the Keras file and the SavedModel
 take raw pixels and nothing outside the model has to repeat it. It is made
@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from tf_finetune import files
-from tf_finetune.config import UserError
+from tf_finetune.config import UserError, first_line
 
 BACKBONE_NAME = "backbone"
 # The pooled backbone output: the head's input, and what features.py caches.
@@ -62,7 +62,7 @@ class ImageNetPreprocess(keras.layers.Layer):
   The preprocessing of models saved by earlier versions of this package
   (`build_model` now uses `preprocess_images`). Kept registered so that
   their `model.keras` files still load through the package, e.g. with
-  `train.load_model_safely`.
+  `saved_models.load_model_safely`.
   """
 
   def __init__(self, mode: str = "caffe", **kwargs):
@@ -132,7 +132,7 @@ def _download_imagenet_backbone(input_shape) -> keras.Model:
   except Exception as e:  # urllib, OSError, HTTP errors: all mean "no weights".
     raise UserError(
         "--weights=imagenet: could not download the ImageNet weights of "
-        f"ResNet50 ({type(e).__name__}: {_first_line(e)}). Without internet "
+        f"ResNet50 ({type(e).__name__}: {first_line(e)}). Without internet "
         "access, pass --weights=PATH to a local .weights.h5 file of "
         "ResNet50(include_top=False), or --weights=none.") from e
 
@@ -151,7 +151,7 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> None:
     raise UserError(
         f"--weights={path!r}: this file does not hold the weights of "
         f"ResNet50(include_top=False) ({type(e).__name__}: "
-        f"{_first_line(e)}).") from e
+        f"{first_line(e)}).") from e
 
 
 def get_backbone(model: keras.Model) -> keras.Model:
@@ -186,8 +186,3 @@ def restore_seed_states(model: keras.Model, values: List[List[int]]) -> None:
         "tf_finetune. Pass --fresh to start over.")
   for variable, value in zip(variables, values):
     variable.assign(np.asarray(value, dtype=variable.dtype))
-
-
-def _first_line(error: Exception) -> str:
-  # Keras' load errors list every layer; the first line names the problem.
-  return (str(error).strip().splitlines() or [""])[0][:300]

@@ -1,15 +1,6 @@
-"""Prediction stage (`--mode=predict`): image files through the exported model.
+"""Prediction (`--mode=predict`): image files through the exported model.
 
-Classifies `--inputs` (one image file, or every image file under a folder)
-with the latest SavedModel version under the export folder, through its
-`serving_default` signature: the artefact and the entry point TF Serving
-uses, fed the same encoded bytes a REST client would send. With
-`--runtime=tflite` or `tflite_int8`, the version's LiteRT model instead,
-fed the pixels the same decoder gives. Writes WORKDIR/predictions.json.
-
-A file that cannot be decoded, or whose header says more pixels than the
-export's limit (`--max_image_pixels` when it was exported), is reported (in
-the JSON and on stderr) and skipped; the other files are still classified.
+Design notes: ARCHITECTURE.md, "Module notes", `predict.py`.
 """
 
 import os
@@ -20,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, decode, export, files, folder_source, litert
+from tf_finetune import decode, export, file_check, files, folder_source, litert
 from tf_finetune.config import Config, UserError
 
 PREDICTIONS_FILE = "predictions.json"
@@ -32,8 +23,9 @@ def run_prediction(config: Config) -> Dict:
   Returns:
     The content of predictions.json: {"export_path", "inputs",
     "predictions": [{"file", "classes", "scores"}], "skipped_files":
-    [{"file", "reason"}]}. `classes` and `scores` are the export's top K,
-    most probable first.
+    [{"path", "reason", "file"}]}. `classes` and `scores` are the export's
+    top K, most probable first. A skipped file's "path" is report.json's
+    key; "file", the same path, is deprecated (README.md).
 
   Raises:
     UserError: `--inputs` has no image files, or there is no exported model.
@@ -53,9 +45,9 @@ def run_prediction(config: Config) -> Dict:
         litert.TFLiteClassifier(model_path), litert.read_labels(version_path),
         export.read_metadata(version_path)["top_k"])
   # Checked with the decoder and the pixel limit the serving graph runs
-  # (data.decode_and_resize), so one bad file does not fail the batch it
+  # (decode.decode_and_resize), so one bad file does not fail the batch it
   # would be in, and an oversized one is not decoded here either.
-  skipped = folder_source.find_undecodable(
+  skipped = file_check.find_undecodable(
       paths, max_pixels=served_pixel_limit(version_path, config))
   usable = [path for path in paths if path not in skipped]
   predictions, failed = classify_files(serve, usable, config.batch_size)
@@ -64,7 +56,9 @@ def run_prediction(config: Config) -> Dict:
       "export_path": model_path,
       "inputs": config.inputs,
       "predictions": predictions,
-      "skipped_files": [{"file": path, "reason": skipped[path]}
+      # "file": deprecated duplicate of "path", kept for readers of the
+      # older key until the next release (README.md).
+      "skipped_files": [{"path": path, "reason": skipped[path], "file": path}
                         for path in paths if path in skipped],
   }
   files.write_json_atomic(os.path.join(config.workdir, PREDICTIONS_FILE),
@@ -145,7 +139,7 @@ def tflite_serving_function(classifier: litert.TFLiteClassifier,
   """A LiteRT model called as the export's serving_default is:
   image_bytes -> {"classes", "scores"}, the top K.
 
-  Decoding and resizing are the serving graph's (`data.decode_and_resize`),
+  Decoding and resizing are the serving graph's (`decode.decode_and_resize`),
   run by TensorFlow here as a phone app would run its own decoder.
   """
   names = tf.constant(list(class_names), dtype=tf.string)
@@ -153,7 +147,7 @@ def tflite_serving_function(classifier: litert.TFLiteClassifier,
 
   def serve(image_bytes):
     images = np.stack([
-        data.decode_and_resize(one, classifier.image_size).numpy()
+        decode.decode_and_resize(one, classifier.image_size).numpy()
         for one in tf.unstack(image_bytes)])
     scores, indices = tf.math.top_k(classifier(images), k=k)
     return {"classes": tf.gather(names, indices), "scores": scores}

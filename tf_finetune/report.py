@@ -1,19 +1,21 @@
-"""Report stage: report.json, written atomically (files.py)."""
+"""report.json: what a training run did, written atomically (files.py)."""
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from tf_finetune import files
+from tf_finetune.selection import KeptEpoch
+from tf_finetune.stages import StageRecord
 
 REPORT_FILE = "report.json"
 
 
 def build_report(*, class_names: List[str], num_examples: Dict[str, int],
-                 skipped_files: List[Dict], stages: List[Dict],
+                 skipped_files: List[Dict], stages: Sequence[StageRecord],
                  val_accuracy: float, test_accuracy: Optional[float],
                  export_path: str, config: Dict, seconds: float,
                  speed: Optional[Dict] = None,
-                 kept: Optional[Dict] = None,
+                 kept: Optional[KeptEpoch] = None,
                  calibration: Optional[Dict] = None,
                  class_weighting: Optional[Dict] = None,
                  recalls: Optional[Dict] = None) -> Dict:
@@ -23,9 +25,9 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
   measured over its steps after the first (which includes graph tracing).
   `speed` (speed.Switches.describe): the resolved speed switches, the
   stage-1 mode ("cached_features" or "images") and the peak RSS.
-  `kept` (selection.BestWeights): the stage and 0-based epoch whose weights
-  were kept, saved and exported, with their objective; None when no epoch
-  was validated (the last weights are kept).
+  `kept` (selection.BestWeights.best): the stage and 0-based epoch whose
+  weights were kept, saved and exported, with their objective; None when
+  no epoch was validated (the last weights are kept).
   `calibration` (train.calibrate): the temperature folded into the
   classifier and the validation figures before and after, or why there is
   none.
@@ -38,11 +40,11 @@ def build_report(*, class_names: List[str], num_examples: Dict[str, int],
       "class_names": list(class_names),
       "num_examples": dict(num_examples),
       "skipped_files": list(skipped_files),
-      "stages": stages,
+      "stages": [s.to_json() for s in stages],
       "val_accuracy": val_accuracy,
-      "kept": kept,
+      "kept": None if kept is None else kept.to_json(),
       "export_path": export_path,
-      "images_per_second": {s["name"]: s["images_per_second"] for s in stages},
+      "images_per_second": {s.name: s.images_per_second for s in stages},
       "seconds": seconds,
       "config": config,
   }

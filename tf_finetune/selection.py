@@ -1,20 +1,10 @@
 """Model selection: the weights kept are those of the best validation epoch
 over both stages, so fine-tuning never leaves a model worse than its head.
 
-`BestWeights` watches the run's objective (`--objective`, validation accuracy
-by default; ties go to the lower validation loss) after every epoch. At the
-end of each stage it puts the best weights so far back into the model: stage
-finetune starts from the best head, not the last one, and the run ends on
-the best epoch of either stage (what is saved, exported and reported).
-
-Only the variables that train in the current stage are copied when an epoch
-improves, which keeps a head epoch on cached features cheap (the head's few
-thousand weights, not ResNet50's 23 million). That is enough because every
-stage starts from the best weights so far and nothing else changes within a
-stage: BatchNormalization is frozen in both stages (stages.py), so its
-moving statistics never move, and a frozen layer's weights never do.
+Design notes: ARCHITECTURE.md, "Module notes", `selection.py`.
 """
 
+import dataclasses
 import io
 import math
 from typing import Dict, Optional
@@ -24,6 +14,59 @@ import numpy as np
 from absl import logging
 
 from tf_finetune import files, stages
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptEpoch:
+  """The best epoch so far: the one whose weights are kept.
+
+  Attributes:
+    epoch: its 0-based index over both stages.
+    stage: its stage.
+    monitor: the logs key compared, e.g. "val_accuracy".
+    value: its value of `monitor`.
+    val_loss: its validation loss (NaN without one), which breaks ties.
+    measure: what `monitor` measures when its name does not say it.
+  """
+  epoch: int
+  stage: str
+  monitor: str
+  value: float
+  val_loss: float
+  measure: Optional[str] = None
+
+  def to_json(self) -> Dict:
+    """report.json's "kept" (`measure` only when set)."""
+    kept = dataclasses.asdict(self)
+    if self.measure is None:
+      del kept["measure"]
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptState:
+  """What a checkpoint keeps of a `BestWeights`.
+
+  Attributes:
+    kept: the best epoch so far.
+    stage_started: the stage whose start last snapshotted the variables.
+  """
+  kept: KeptEpoch
+  stage_started: str
+
+  def to_json(self) -> Dict:
+    return {**self.kept.to_json(), "stage_started": self.stage_started}
+
+  @classmethod
+  def from_json(cls, entry: Dict) -> "KeptState":
+    entry = dict(entry)
+    stage_started = entry.pop("stage_started")
+    return cls(KeptEpoch(**entry), stage_started)
+
+
+def objective_direction(objective: str) -> str:
+  """"min" for a loss, else "max"."""
+  return "min" if objective.endswith("loss") else "max"
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -54,7 +97,7 @@ class BestWeights(keras.callbacks.Callback):
     self.measure = measure
     self.sign = 1.0 if mode == "max" else -1.0
     self._kept_model = model
-    self.best: Optional[Dict] = None  # epoch, stage, value, val_loss.
+    self.best: Optional[KeptEpoch] = None
     self._values: Dict[str, np.ndarray] = {}
     self._stage: Optional[str] = None  # The stage the snapshot started in.
 
@@ -73,14 +116,11 @@ class BestWeights(keras.callbacks.Callback):
     logs = logs or {}
     if self.monitor in logs and self._improves(logs):
       self._copy_trainable()
-      self.best = {"epoch": epoch, "stage": self.plan.stage_at(epoch),
-                   "monitor": self.monitor,
-                   "value": float(logs[self.monitor]),
-                   "val_loss": float(logs.get("val_loss", math.nan))}
-      if self.measure:
-        self.best["measure"] = self.measure
-    if (epoch + 1 == self.plan.total_epochs
-        or self.plan.stage_at(epoch + 1) != self.plan.stage_at(epoch)):
+      self.best = KeptEpoch(
+          epoch, self.plan.stage_at(epoch), self.monitor,
+          float(logs[self.monitor]), float(logs.get("val_loss", math.nan)),
+          self.measure or None)
+    if self.plan.ends_stage(epoch):
       self.restore(f"end of stage {self.plan.stage_at(epoch)}")
 
   def on_train_end(self, logs=None):
@@ -97,43 +137,41 @@ class BestWeights(keras.callbacks.Callback):
       if variable.path in self._values:
         variable.assign(self._values[variable.path])
     logging.info("%s: keeping the weights of epoch %d (stage %s, %s %.4f).",
-                 why.capitalize(), self.best["epoch"] + 1, self.best["stage"],
-                 self.measure or self.monitor, self.best["value"])
+                 why.capitalize(), self.best.epoch + 1, self.best.stage,
+                 self.measure or self.monitor, self.best.value)
 
   def _improves(self, logs) -> bool:
     if self.best is None:
       return True
     value = self.sign * float(logs[self.monitor])
-    best = self.sign * self.best["value"]
+    best = self.sign * self.best.value
     if value != best:
       return value > best
-    return float(logs.get("val_loss", math.inf)) < self.best["val_loss"]
+    return float(logs.get("val_loss", math.inf)) < self.best.val_loss
 
   def _copy_trainable(self) -> None:
     for variable in self.model.trainable_variables:
       self._values[variable.path] = keras.ops.convert_to_numpy(variable)
 
   # Checkpoints: a resumed run keeps the best of the epochs before it.
-  def state(self) -> Optional[Dict]:
-    """JSON values for a checkpoint pointer (None before any epoch)."""
-    return None if self.best is None else {**self.best, "stage_started":
-                                           self._stage}
+  def state(self) -> Optional[KeptState]:
+    """What a checkpoint keeps (None before any epoch)."""
+    return None if self.best is None else KeptState(self.best, self._stage)
 
   def snapshot_id(self) -> Optional[tuple]:
     """Changes whenever the values `save_snapshot` writes change."""
-    return None if self.best is None else (self.best["epoch"], self._stage)
+    return None if self.best is None else (self.best.epoch, self._stage)
 
   def save_snapshot(self, path: str) -> None:
     with open(path, "wb") as f:  # A file object: savez would append ".npz".
       np.savez(f, **{_key(p): v for p, v in self._values.items()})
 
-  def load(self, state: Optional[Dict], path: Optional[str]) -> None:
+  def load(self, state: Optional[KeptState], path: Optional[str]) -> None:
     """Continues from `state()` and the file `save_snapshot` wrote."""
     if state is None:
       return
-    state = dict(state)
-    self._stage = state.pop("stage_started")
-    self.best = state
+    self._stage = state.stage_started
+    self.best = state.kept
     # np.load reads local files only; the checkpoint may be on gs://.
     with np.load(io.BytesIO(files.read_bytes(path))) as arrays:
       by_key = {_key(v.path): v.path for v in self._kept_model.weights}

@@ -1,23 +1,9 @@
 """Stage plan and the callback that runs both stages.
 
-The stages run inside one `model.fit`, or, with stage head on cached
-features (the default), across the fit on features and the fit on images
-(features.py); one callback instance spans both.
-
-Stage "head" trains the new head on a frozen backbone; stage "finetune"
-unfreezes the top residual blocks and trains them with the head at a lower
-learning rate. Every BatchNormalization layer stays frozen in both stages:
-in Keras 3 a non-trainable BatchNormalization runs in inference mode, while
-`backbone(x, training=False)` does not keep its moving statistics fixed once
-the backbone is trainable (ARCHITECTURE.md).
-
-Switching stages inside `fit` needs two things (ARCHITECTURE.md): a
-recompile, because a Keras 3 optimizer refuses variables it was not built
-with, and a new train function, because a change of `trainable` only takes
-effect in a newly traced one. `apply_stage` does both, inside the model's
-distribution strategy scope so the new optimizer's variables are mirrored.
+Design notes: ARCHITECTURE.md, "Module notes", `stages.py`.
 """
 
+import copy
 import dataclasses
 import math
 import re
@@ -70,6 +56,11 @@ class StagePlan:
   def stage_at(self, epoch: int) -> str:
     """The stage of a 0-based epoch index."""
     return HEAD if epoch < self.head_epochs else FINETUNE
+
+  def ends_stage(self, epoch: int) -> bool:
+    """Whether a 0-based epoch is the last of its stage."""
+    return (epoch + 1 == self.total_epochs
+            or self.stage_at(epoch + 1) != self.stage_at(epoch))
 
   def epochs_of(self, stage: str) -> int:
     return self.head_epochs if stage == HEAD else self.finetune_epochs
@@ -171,6 +162,95 @@ def count_trainable_params(model: keras.Model) -> int:
   return int(sum(v.numpy().size for v in model.trainable_variables))
 
 
+@dataclasses.dataclass
+class StageRecord:
+  """What one stage did, for report.json and for the checkpoints.
+
+  Attributes:
+    name: HEAD or FINETUNE.
+    epochs: the stage's planned epochs.
+    learning_rate: its peak learning rate.
+    unfrozen_blocks: the residual blocks it trains.
+    trainable_params: how many weights it trains.
+    input: "images" or "cached_features" (features.py).
+    feature_cache: the feature cache's summary, when `input` is cached.
+    probe: the probe head's grid and choice (probe.describe), when used.
+    seconds: its wall time so far, every process up to its last checkpoint.
+    images_per_second: throughput over the steps after each process's first
+      (None before one).
+    peak_rss_mb: the process's memory high-water mark at its last epoch.
+    history: the Keras logs of its epochs, {key: [value per epoch]}.
+    resumed_at: one {"epoch", "step"} per resumption inside the stage.
+    elapsed: seconds counted before `started`, by earlier processes.
+    started: `time.perf_counter()` when this process began counting the
+      stage; None in a record read from a checkpoint.
+    first_step_done: whether this process ran the stage's first (tracing)
+      step.
+    step_seconds: seconds of the steps counted in `images_per_second`.
+    images: images of those steps.
+  """
+  name: str
+  epochs: int
+  learning_rate: float
+  unfrozen_blocks: List[str]
+  trainable_params: int
+  input: str = "images"
+  feature_cache: Optional[Dict] = None
+  probe: Optional[Dict] = None
+  seconds: float = 0.0
+  images_per_second: Optional[float] = None
+  peak_rss_mb: Optional[float] = None
+  history: Dict[str, List[float]] = dataclasses.field(default_factory=dict)
+  resumed_at: Optional[List[Dict]] = None
+  elapsed: float = 0.0
+  started: Optional[float] = None
+  first_step_done: bool = False
+  step_seconds: float = 0.0
+  images: int = 0
+
+  def seconds_until(self, now: float) -> float:
+    """The stage's wall time up to `now` (a `time.perf_counter()`)."""
+    return self.elapsed + (0.0 if self.started is None else now - self.started)
+
+  def to_json(self) -> Dict:
+    """report.json's entry of the stage; optional fields only when set."""
+    entry = {}
+    for name in _REPORT_FIELDS:
+      value = getattr(self, name)
+      if value is not None or name not in _OPTIONAL_FIELDS:
+        entry[name] = value
+    return entry
+
+  def to_state(self) -> Dict:
+    """The checkpoint's entry: `to_json` and the bookkeeping, under the
+    keys checkpoint pointers have always had."""
+    state = {k: v for k, v in self.to_json().items() if k != "resumed_at"}
+    state.update({key: getattr(self, name)
+                  for key, name in _STATE_KEYS.items()})
+    if self.resumed_at is not None:
+      state["resumed_at"] = self.resumed_at
+    state["_elapsed"] = self.elapsed
+    return state
+
+  @classmethod
+  def from_state(cls, entry: Dict) -> "StageRecord":
+    """Reads `to_state`'s entry; raises KeyError or TypeError on another."""
+    entry = dict(entry)
+    private = {name: entry.pop(key) for key, name in _STATE_KEYS.items()}
+    elapsed = entry.pop("_elapsed")
+    return cls(**entry, **private, elapsed=elapsed)
+
+
+_OPTIONAL_FIELDS = ("feature_cache", "probe", "resumed_at")
+_REPORT_FIELDS = ("name", "epochs", "learning_rate", "unfrozen_blocks",
+                  "trainable_params", "input", "feature_cache", "probe",
+                  "seconds", "images_per_second", "peak_rss_mb", "history",
+                  "resumed_at")
+# Checkpoint keys of the bookkeeping fields, private to the callback.
+_STATE_KEYS = {"_first_step_done": "first_step_done",
+               "_step_seconds": "step_seconds", "_images": "images"}
+
+
 class TwoStageCallback(keras.callbacks.Callback):
   """Switches from stage "head" to "finetune" at the planned epoch.
 
@@ -196,7 +276,7 @@ class TwoStageCallback(keras.callbacks.Callback):
     self.stage = applied_stage
     self.train_examples = train_examples
     self.batch_size = batch_size
-    self.records: List[Dict] = []
+    self.records: List[StageRecord] = []
     self._batch_start = 0.0
     self._resume_note: Optional[Dict] = None  # See restore_records.
     self._early: Dict[str, tuple] = {}
@@ -214,7 +294,7 @@ class TwoStageCallback(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     stage = self.plan.stage_at(epoch)
-    if self.records and self.records[-1]["name"] == stage:
+    if self.records and self.records[-1].name == stage:
       return
     started = time.perf_counter()  # The switch itself counts in the stage.
     if stage != self.stage:
@@ -228,11 +308,11 @@ class TwoStageCallback(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     record = self.records[-1]
     # The stage's first step includes graph tracing: throughput leaves it out.
-    if record["_first_step_done"]:
-      record["_step_seconds"] += time.perf_counter() - self._batch_start
-      record["_images"] += min(self.batch_size,
-                               self.train_examples - batch * self.batch_size)
-    record["_first_step_done"] = True
+    if record.first_step_done:
+      record.step_seconds += time.perf_counter() - self._batch_start
+      record.images += min(self.batch_size,
+                           self.train_examples - batch * self.batch_size)
+    record.first_step_done = True
 
   def on_epoch_end(self, epoch, logs=None):
     logs = logs if logs is not None else {}
@@ -240,50 +320,39 @@ class TwoStageCallback(keras.callbacks.Callback):
         self.model.optimizer.learning_rate))
     record = self.records[-1]
     for key, value in logs.items():
-      record["history"].setdefault(key, []).append(float(value))
-    record["seconds"] = time.perf_counter() - record["_start"]
-    if record["_step_seconds"] > 0:
-      record["images_per_second"] = record["_images"] / record["_step_seconds"]
+      record.history.setdefault(key, []).append(float(value))
+    record.seconds = record.seconds_until(time.perf_counter())
+    if record.step_seconds > 0:
+      record.images_per_second = record.images / record.step_seconds
     # A high-water mark of the whole process: the peak up to this stage.
-    record["peak_rss_mb"] = speed.peak_rss_mb()
-    if (epoch + 1 == self.plan.total_epochs
-        or self.plan.stage_at(epoch + 1) != record["name"]):
+    record.peak_rss_mb = speed.peak_rss_mb()
+    if self.plan.ends_stage(epoch):
       log_stage_summary(record)
 
   def _start_record(self, stage: str, started: float) -> None:
     started, fields = self._early.pop(stage, (started, {}))
-    self.records.append({
-        "name": stage,
-        "epochs": self.plan.epochs_of(stage),
-        "learning_rate": self.plan.learning_rate_of(stage),
-        "unfrozen_blocks": list(self.plan.unfrozen_blocks(stage)),
-        "trainable_params": count_trainable_params(self.model),
-        "input": "images",
-        **fields,
-        "seconds": 0.0,
-        "images_per_second": None,
-        "peak_rss_mb": None,
-        "history": {},
-        "_start": started, "_first_step_done": False,
-        "_step_seconds": 0.0, "_images": 0,
-    })
+    self.records.append(StageRecord(
+        name=stage, epochs=self.plan.epochs_of(stage),
+        learning_rate=self.plan.learning_rate_of(stage),
+        unfrozen_blocks=list(self.plan.unfrozen_blocks(stage)),
+        trainable_params=count_trainable_params(self.model),
+        started=started, **fields))
     if self._resume_note:
-      self.records[-1]["resumed_at"] = [self._resume_note]
+      self.records[-1].resumed_at = [self._resume_note]
       self._resume_note = None
 
   def stage_reports(self) -> List[Dict]:
-    """The per-stage records without the private bookkeeping keys."""
-    return [{k: v for k, v in r.items() if not k.startswith("_")}
-            for r in self.records]
+    """report.json's "stages": the records without their bookkeeping."""
+    return [r.to_json() for r in self.records]
 
-  def records_state(self) -> List[Dict]:
-    """The records as JSON values for a checkpoint: each stage's elapsed
-    seconds replace this process's clock readings."""
+  def records_state(self) -> List[StageRecord]:
+    """Copies of the records for a checkpoint: each stage's seconds so far
+    in `elapsed`, without this process's clock readings."""
     now = time.perf_counter()
-    return [{**{k: v for k, v in r.items() if k != "_start"},
-             "_elapsed": now - r["_start"]} for r in self.records]
+    return [copy.deepcopy(dataclasses.replace(
+        r, elapsed=r.seconds_until(now), started=None)) for r in self.records]
 
-  def restore_records(self, records: List[Dict], epoch: int,
+  def restore_records(self, records: List[StageRecord], epoch: int,
                       step: int) -> None:
     """Continues the records of a resumed run (from `records_state`).
 
@@ -294,23 +363,23 @@ class TwoStageCallback(keras.callbacks.Callback):
     training.csv; steps already trained in it).
     """
     now = time.perf_counter()
-    self.records = [{**{k: v for k, v in r.items() if k != "_elapsed"},
-                     "_start": now - r["_elapsed"],
-                     "_first_step_done": False} for r in records]
+    self.records = [copy.deepcopy(dataclasses.replace(
+        r, started=now, first_step_done=False)) for r in records]
     note = {"epoch": epoch, "step": step}
-    if self.records and self.records[-1]["name"] == self.plan.stage_at(epoch):
-      self.records[-1].setdefault("resumed_at", []).append(note)
+    if self.records and self.records[-1].name == self.plan.stage_at(epoch):
+      last = self.records[-1]
+      last.resumed_at = [*(last.resumed_at or []), note]
     else:  # Resumed at the stage switch: the new stage's record gets it.
       self._resume_note = note
 
 
-def log_stage_summary(record: Dict) -> None:
+def log_stage_summary(record: StageRecord) -> None:
   """One log line per finished stage: time, throughput, memory, accuracy."""
-  val = record["history"].get("val_accuracy") or [float("nan")]
-  ips = record["images_per_second"]
+  val = record.history.get("val_accuracy") or [float("nan")]
+  ips = record.images_per_second
   logging.info(
       "Stage %s: %d epoch(s) in %.1f s on %s, %s images/s after the first "
-      "step, peak RSS %.0f MB, val_accuracy %.4f.", record["name"],
-      len(record["history"].get("loss", [])), record["seconds"],
-      record["input"].replace("_", " "),
-      "n/a" if ips is None else f"{ips:.0f}", record["peak_rss_mb"], val[-1])
+      "step, peak RSS %.0f MB, val_accuracy %.4f.", record.name,
+      len(record.history.get("loss", [])), record.seconds,
+      record.input.replace("_", " "),
+      "n/a" if ips is None else f"{ips:.0f}", record.peak_rss_mb, val[-1])

@@ -1,9 +1,5 @@
 """Orchestrates one run: strategy, data, model, both stages, evaluation,
-model file, SavedModel export and report.
-
-Also the small job that reuses a trained workdir: `--mode=export`
-(`--mode=evaluate` is in evaluate.py, `--mode=predict` in predict.py).
-"""
+model file, SavedModel export and report."""
 
 import dataclasses
 import os
@@ -16,13 +12,12 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (calibration, checkpoints, data, distribute, export,
-                         features, files, fit_plan, plots, report, selection,
-                         speed, stages, training_logs, weighting)
+                         features, files, fit_plan, plots, report,
+                         saved_models, selection, speed, stages,
+                         training_logs, weighting)
 from tf_finetune import workdir as workdir_lib
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import Config
 from tf_finetune.model import build_model
-
-MODEL_FILE = "model.keras"
 
 
 def run_training(config: Config,
@@ -82,7 +77,8 @@ def _train(config: Config, strategy,
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
   calibrated = calibrate(config, model, datasets)
   scores = evaluate_splits(model, datasets, config.batch_size)
-  save_model_atomic(model, os.path.join(config.workdir, MODEL_FILE))
+  saved_models.save_model_atomic(
+      model, os.path.join(config.workdir, saved_models.MODEL_FILE))
   # A rerun after a kill between export and report finds its own version.
   export_path = export.export_saved_model(
       model, datasets.class_names, config.image_size,
@@ -94,14 +90,14 @@ def _train(config: Config, strategy,
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
       skipped_files=datasets.skipped_files,
-      stages=stage_callback.stage_reports(),
+      stages=stage_callback.records,
       val_accuracy=scores["val"]["accuracy"],
       test_accuracy=scores["test"]["accuracy"] if "test" in scores else None,
       export_path=export_path,
       config=dataclasses.asdict(config),
       seconds=time.perf_counter() - started,
       speed=run.switches.describe(),
-      kept=describe_kept(best),
+      kept=best.best,
       calibration=calibrated,
       class_weighting=run.class_weighting.describe(), recalls=scores)
   path = report.write_report(config.workdir, result)
@@ -203,7 +199,8 @@ def start_stages(run: Run, resume: Optional[checkpoints.TrainingState],
       plan, stage, run.datasets.num_examples["train"], config.batch_size)
   weights = run.class_weighting
   best = selection.BestWeights(
-      plan, model, config.objective, objective_direction(config.objective),
+      plan, model, config.objective,
+      selection.objective_direction(config.objective),
       measure=weights.measure(config.objective) if weights.on else None)
   if resume is not None:
     stage_callback.restore_records(resume.records, resume.epoch, resume.step)
@@ -255,17 +252,6 @@ def describe_fold(record: Dict) -> str:
     return ("at a bound of the search, no optimum (a validation split the "
             "model classifies perfectly has none): not folded")
   return "not significantly better than 1: not folded"
-
-
-def objective_direction(objective: str) -> str:
-  """"min" for a loss, else "max"."""
-  return "min" if objective.endswith("loss") else "max"
-
-
-def describe_kept(best: selection.BestWeights) -> Optional[Dict]:
-  """report.json's "kept": the stage and 0-based epoch whose weights the run
-  kept, and their objective; None when no epoch was validated."""
-  return None if best.best is None else dict(best.best)
 
 
 def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
@@ -349,18 +335,14 @@ def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,
 
 def training_batches(datasets: data.Datasets, num_classes: int,
                      segment: fit_plan.FitSegment, steps_per_epoch: int
-                     ) -> Tuple[tf.data.Dataset, Optional[int]]:
+                     ) -> Tuple[tf.data.Dataset, int]:
   """The training images of a fit on images, and its steps per epoch.
 
   From `datasets.train_from`: the batches an uninterrupted run trains on
   from the segment's epoch and step on, whatever ran before in this
   process; `fit` takes `steps_per_epoch` of them per epoch (fewer in an
   epoch that skips its first batches, which `fit_segments` fits alone).
-  Without it, `datasets.train`, one pass per epoch.
   """
-  if datasets.train_from is None:
-    return (to_one_hot(datasets.train, num_classes).skip(
-        segment.skip_batches), None)
   batches = datasets.train_from(segment.initial_epoch, segment.epochs).skip(
       segment.skip_batches)
   return (to_one_hot(batches, num_classes),
@@ -401,60 +383,3 @@ def evaluate_splits(model: keras.Model, datasets: data.Datasets,
     scores[name] = {"accuracy": float(np.trace(matrix) / matrix.sum()),
                     **weighting.recall_report(matrix, datasets.class_names)}
   return scores
-
-
-def save_model_atomic(model: keras.Model, path: str) -> None:
-  """Saves to a temp `.keras` file, then moves it into place (files.py)."""
-  with files.atomic_output(path) as temp:
-    model.save(temp)
-
-
-def load_trained_model(workdir: str) -> keras.Model:
-  """Loads WORKDIR/model.keras with safe_mode on, or raises UserError."""
-  path = os.path.join(workdir, MODEL_FILE)
-  if not files.isfile(path):
-    raise UserError(f"--workdir={workdir!r}: no {MODEL_FILE} there; train "
-                    "first with --mode=train.")
-  return load_model_safely(path)
-
-
-def load_model_safely(path: str) -> keras.Model:
-  """Loads a `.keras` file with safe_mode on, or raises UserError.
-
-  safe_mode refuses to deserialize Python code (a Lambda layer's function):
-  loading a model must never run code that came with the file.
-  """
-  try:
-    return keras.models.load_model(path, safe_mode=True)
-  except Exception as e:  # Keras raises ValueError/TypeError/OSError by case.
-    message = str(e).strip()
-    if "safe_mode" in message:
-      raise UserError(
-          f"{path}: refused, the model contains Python code (e.g. a Lambda "
-          "layer) and models are loaded with Keras safe_mode on, which never "
-          "runs code from a file. Retrain it with tf_finetune, or rebuild it "
-          "from registered layers.") from e
-    raise UserError(f"{path}: not a loadable Keras model ({type(e).__name__}: "
-                    f"{message.splitlines()[0][:300] if message else ''})."
-                    ) from e
-
-
-def run_export(config: Config) -> str:
-  """`--mode=export`: re-exports WORKDIR/model.keras as a new version."""
-  model = load_trained_model(config.workdir)
-  image_size = model.input_shape[1]  # The trained size, whatever the flag says.
-  path = export.export_saved_model(model, read_class_names(config.workdir),
-                                   image_size, config.resolved_export_dir,
-                                   config.top_k, formats=config.export_formats,
-                                   max_image_pixels=config.max_image_pixels)
-  logging.info("Export: %s", path)
-  return path
-
-
-def read_class_names(workdir: str) -> Sequence[str]:
-  """Class names recorded by the training run's report.json."""
-  path = os.path.join(workdir, report.REPORT_FILE)
-  if not files.isfile(path):
-    raise UserError(f"--workdir={workdir!r}: no {report.REPORT_FILE} with the "
-                    "class names; train first with --mode=train.")
-  return files.read_json(path)["class_names"]

@@ -172,7 +172,7 @@ class FineTuneHyperModel(kt.HyperModel):
       return []
     return [keras.callbacks.EarlyStopping(
         monitor=self.config.objective,
-        mode=train.objective_direction(self.config.objective),
+        mode=selection.objective_direction(self.config.objective),
         patience=self.config.early_stopping_patience,
         start_from_epoch=plan.head_epochs)]
 
@@ -186,7 +186,7 @@ def kept_metrics(stage_callback: stages.TwoStageCallback,
   if best.best is None:
     return {name: values[-1] for name, values
             in records[-1]["history"].items()}
-  stage, epoch = best.best["stage"], best.best["epoch"]
+  stage, epoch = best.best.stage, best.best.epoch
   index = epoch - (plan.head_epochs if stage == stages.FINETUNE else 0)
   record = next(r for r in records if r["name"] == stage)
   return {name: values[index] for name, values in record["history"].items()}
@@ -311,7 +311,7 @@ def create_tuner(config: Config, hypermodel: FineTuneHyperModel,
                  strategy) -> FineTuneTuner:
   """The tuner of `--tuner`, its state in WORKDIR/tuner/."""
   common = dict(
-      objective=kt.Objective(config.objective, train.objective_direction(config.objective)),
+      objective=kt.Objective(config.objective, selection.objective_direction(config.objective)),
       seed=config.seed + 1)  # KerasTuner takes seed 0 for "no seed".
   if config.tuner == "hyperband":
     oracle = kt.oracles.HyperbandOracle(
@@ -474,7 +474,7 @@ def write_results(config: Config, oracle, seconds: float,
   result = {
       "tuner": config.tuner,
       "objective": {"name": config.objective,
-                    "direction": train.objective_direction(config.objective)},
+                    "direction": selection.objective_direction(config.objective)},
       "search_space": {name: list(bounds) for name, bounds
                        in config.search_ranges().items()},
       "best_trial": best[0].trial_id if best else None,

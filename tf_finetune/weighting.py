@@ -1,27 +1,6 @@
 """Class weighting: per-example weights for classes that are not balanced.
 
-`--class_weighting=auto` weighs each training example by the inverse of
-its class's training frequency, normalised so that the mean weight over
-the training examples is 1 (the learning rate keeps its meaning), when the
-largest training class has at least AUTO_RATIO times the images of the
-smallest; `none`, or a more balanced folder, trains unweighted, exactly as
-without this module.
-
-The weights travel in the input pipeline, as the third element of (x, y,
-w) batches, not through Keras' `class_weight` argument, which fails or is
-ignored with distributed tf.data input (tensorflow/tensorflow#41290,
-tensorflow/tensorflow#33550). So they reach stage head's feature cache
-(features.py keeps them next to the features, in memory and on disk), every
-strategy, and `distribute.pad_batches`, which multiplies them by its own
-padding weights (a padded blank keeps weight 0).
-
-A weighted run is selected on a balanced measure: validation examples are
-weighted by the inverse of their class's validation frequency, so Keras'
-weighted accuracy on them, logged as `val_accuracy`, is the balanced
-accuracy (the mean of the per-class recalls, scikit-learn's
-`balanced_accuracy_score`) and `val_loss` the class-balanced loss. The
-kept-epoch rule (selection.py) and the search's objective (tuning.py) read
-those logs.
+Design notes: ARCHITECTURE.md, "Module notes", `weighting.py`.
 """
 
 import dataclasses

@@ -27,17 +27,17 @@ def check_workdir(config: Config) -> Optional[TrainingState]:
   """
   if config.fresh:
     return None
-  state = read_state(config.workdir)
-  if state is None:
+  resume = read_state(config.workdir)
+  if resume is None:
     return None
   config_lib.refuse_changed_flags(
-      state.fingerprint, config_lib.fingerprint(config),
+      resume.fingerprint, config_lib.fingerprint(config),
       holder=f"--workdir={config.workdir!r} holds the checkpoints of a "
       "different run",
       remedy="Rerun with that run's flags (its flags.cfg) to resume it, "
       "choose another --workdir, or pass --fresh to delete its checkpoints "
       "and start over.")
-  return state
+  return resume
 
 
 def prepare_workdir(config: Config) -> Optional[TrainingState]:

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from tf_finetune import calibration, data, main, train  # noqa: E402
+from tf_finetune import calibration, data, main, saved_models  # noqa: E402
 
 
 def config_of(workdir: str):
@@ -33,7 +33,7 @@ def config_of(workdir: str):
 def measure(workdir: str) -> dict:
   """The calibration record of one run, with the test split's figures."""
   config = config_of(workdir)
-  model = train.load_trained_model(workdir)
+  model = saved_models.load_trained_model(workdir)
   datasets = data.create_datasets(config)
   test_logits, test_labels = calibration.predict_logits(model, datasets.test)
   record = calibration.calibrate_model(model, datasets.val)
