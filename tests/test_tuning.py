@@ -13,9 +13,11 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import keras
@@ -616,3 +618,26 @@ def test_a_shared_head_of_another_stage_head_is_refused(tmp_path):
                      r"--head_learning_rate was 0.001, now 0.01\)"):
     workdir.adopt_shared_head(dataclasses.replace(
         head_writer, workdir=str(tmp_path / "c"), head_learning_rate=1e-2))
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_the_search_reaches_its_trial(tmp_path):
+  # The trial stands in for a training run: on SIGTERM it "checkpoints"
+  # and exits 143, as main.py does.
+  trial = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+           "print('ready', flush=True)\n"
+           "time.sleep(60)\n")
+  # Sent once the child (no TensorFlow to import) has set its handler.
+  timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGTERM))
+  timer.start()
+  try:
+    outcome = tuning.run_child([sys.executable, "-c", trial],
+                               str(tmp_path / "trial.log"))
+  finally:
+    timer.cancel()
+  assert (outcome.returncode, outcome.stopped) == (143, True)
+  assert outcome.seconds < 30
+  with pytest.raises(tuning._StoppedInTrial) as stopped:
+    tuning.trial_results(None, outcome)
+  assert stopped.value.exit_code == 143

@@ -40,7 +40,7 @@ SHARED_HEADS = "shared_heads"
 _METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # What runs a trial: the package's own command line, flags appended.
 TRIAL_COMMAND = (sys.executable, "-m", "tf_finetune.main")
-# What a trial keeps once it is not the best: reports and logs, no model.
+# What WORKDIR/best/ takes from the best trial's workdir, besides its flags.
 _BEST_FILES = (train.MODEL_FILE, report.REPORT_FILE, "curves.png")
 
 
