@@ -209,7 +209,7 @@ def _results():
           "tune": _rows([0.81, 0.83, 0.85], [0.70, 0.71, 0.72],
                         errors=(2,), trials=10, search_space={"lr": [1, 2]},
                         best_hyperparameters={"lr": 1}, search_seconds=8.0,
-                        train_seconds=2.0),
+                        peak_rss_mb=[900.0, 1000.0]),
       },
       "near": {
           "probe": _rows([0.90, 0.90, 0.90], [0.92, 0.92, 0.92], C=0.01),

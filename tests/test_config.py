@@ -15,6 +15,7 @@ VALID_VALUES = {"dataset": "folder:/images", "weights": "none",
                 "search_finetune_learning_rate": "1e-5:1e-3",
                 "search_head_learning_rate": "1e-4:1e-2",
                 "search_dropout": "0.1:0.5",
+                "search_finetune_epochs": "5:20",
                 "export_formats": ("saved_model", "tflite")}
 
 

@@ -1,67 +1,61 @@
 """`--mode=tune`: KerasTuner searches end to end on tiny data.
 
-The searches of the real HyperModel (ResNet50, weights=none, 32 px, six
-images per class, one epoch per stage, unfreeze depth 0-1 so that the
-trainable step traces fast) run once each and many assertions share them.
-Resume, overwrite, executions, early stopping and the distributed search
-use a tiny stand-in for `model.build_model` (`tiny_build`) to stay cheap.
+Every trial is a training run in a child process. The searches of the real
+HyperModel (ResNet50, weights=none, 32 px, six images per class, one epoch
+per stage, unfreeze depth 0-1 so that the trainable step traces fast) run
+through the command line once and many assertions share them. The others
+run their trials with `TRIAL_COMMAND`: the package's command line with a
+tiny stand-in for `model.build_model` and the faults the environment asks
+for (tests/tuning_stand_ins.py).
 """
 
 import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from tf_finetune import config as config_lib
-from tf_finetune import features, files
-from tf_finetune import model as model_lib
 from tf_finetune import tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = {"unfreeze_blocks": (0, 1), "finetune_learning_rate": (1e-4, 1e-2)}
 SPACE_FLAGS = ("--search_unfreeze_blocks=0:1",
                "--search_finetune_learning_rate=1e-4:1e-2")
-BUILT_SEEDS = []  # Seeds `tiny_build` was called with, in order.
 # A search through the command line: the tests using it are `slow`
 # (conftest.py).
 SLOW_FIXTURES = {"random_search"}
+# A trial's process here: `python -m tf_finetune.main` with the stand-in
+# model, and the faults of TEST_FAIL_TRIALS (the build raises), TEST_NAN_TRIALS
+# (NaN weights in stage finetune) and TEST_BUILD (another builder).
+# tuning_stand_ins imports neither tf_finetune.train nor tuning, so train,
+# imported after the swap, builds with the stand-in.
+TRIAL_COMMAND = (sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import tuning_stand_ins
+from tf_finetune import model
+model.build_model = tuning_stand_ins.child_build(sys.argv)
+from tf_finetune import main, train
+tuning_stand_ins.install_faults(train, sys.argv)
+main.run()
+""")
 
 
-def tiny_build(num_classes, image_size, weights, dropout, seed):
-  """`model.build_model`'s interface and layer names, 300 parameters."""
-  del weights
-  BUILT_SEEDS.append(seed)
-  print(f"tiny_build: {tf.distribute.get_strategy().num_replicas_in_sync} "
-        "replica(s)", flush=True)
-  images = keras.Input((image_size, image_size, 3))
-  features = keras.layers.Conv2D(
-      4, 3, strides=4, name="conv5_block3_1_conv",
-      kernel_initializer=keras.initializers.GlorotUniform(seed))(images)
-  backbone = keras.Model(images, features, name=model_lib.BACKBONE_NAME)
-  inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
-  x = backbone(model_lib.ImageNetPreprocess()(inputs))
-  x = keras.layers.GlobalAveragePooling2D(name=model_lib.FEATURES_NAME)(x)
-  x = keras.layers.Normalization(name=model_lib.STANDARDIZE_NAME)(x)
-  x = keras.layers.Dropout(dropout, seed=seed)(x)
-  outputs = keras.layers.Dense(num_classes, activation="softmax",
-                               name=model_lib.CLASSIFIER_NAME)(x)
-  return keras.Model(inputs, outputs)
-
-
-def crashing_build(*args):
-  """A `build_fn` whose every trial fails."""
-  raise RuntimeError("out of memory, say")
+def tiny_search(config):
+  """`tuning.run_search` with trials of the stand-in model."""
+  return tuning.run_search(config, TRIAL_COMMAND)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +86,7 @@ def make_config(images, workdir, **overrides):
       weights="none", head_epochs=1, finetune_epochs=1, finetune_min_steps=0,
       augment=("flip",),
       search_unfreeze_blocks="0:1", search_finetune_learning_rate="1e-4:1e-2",
-      max_trials=2)
+      tuner="random", max_trials=2)
   values.update(overrides)
   return config_lib.Config(**values).validate()
 
@@ -211,6 +205,17 @@ def test_best_cfg_trains_the_best_trial(random_search):
   # The trial's metrics are those of the epoch it kept, as the run's are.
   assert run["kept"]["val_loss"] == pytest.approx(
       best["metrics"]["val_loss"], rel=1e-3)
+  # The search kept that very model, and exported it.
+  assert_same_weights(os.path.join(workdir, "best", "model.keras"),
+                      os.path.join(workdir, "model.keras"))
+  assert report["best_export"] == os.path.join(workdir, "best", "export", "1")
+  assert os.path.isfile(os.path.join(report["best_export"], "saved_model.pb"))
+
+
+def assert_same_weights(kept, trained):
+  kept, trained = (keras.models.load_model(path) for path in (kept, trained))
+  for a, b in zip(kept.weights, trained.weights, strict=True):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def test_changed_search_space_is_refused(random_search, images):
@@ -227,7 +232,7 @@ def test_changed_search_space_is_refused(random_search, images):
   assert read_json(definition) == before
 
 
-# ------------------------------------------- the other tuners, in process
+# ------------------------------- the other tuners, trials of the stand-in
 
 
 @pytest.mark.slow
@@ -236,55 +241,167 @@ def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   # with stage head 3 epochs and finetune 3, one epoch each.
   config = make_config(images, tmp_path, tuner="hyperband", head_epochs=3,
                        finetune_epochs=3, max_epochs=6, hyperband_factor=3)
-  report = tuning.run_search(config)
+  report = tiny_search(config)
   assert_trials_inside_the_space(report)
   for trial in report["trials"]:
     assert trial["epochs"] == {"budget": 2, "run": 2, "head": 1, "finetune": 1}
-  assert os.path.isfile(os.path.join(tmp_path, "best.cfg"))
+  # best.cfg is the best trial's run, its budget included.
+  best = read_json(os.path.join(tmp_path, "best", "report.json"))["config"]
+  best_cfg = (tmp_path / "best.cfg").read_text()
+  assert "\n--head_epochs=1\n" in best_cfg
+  assert "\n--finetune_epochs=1\n" in best_cfg
+  assert (best["head_epochs"], best["finetune_epochs"]) == (1, 1)
 
 
 @pytest.mark.slow
 def test_bayesian_search_runs(images, tmp_path):
   pytest.importorskip("scipy", reason="keras-tuner[bayesian] not installed")
   pytest.importorskip("sklearn", reason="keras-tuner[bayesian] not installed")
-  report = tuning.run_search(make_config(images, tmp_path, tuner="bayesian"))
+  report = tiny_search(make_config(images, tmp_path, tuner="bayesian"))
   assert_trials_inside_the_space(report)
 
 
-# --------------------------------------------- tiny model: cheap semantics
+# ------------------------------------------- a trial is a training run
 
 
+@pytest.mark.slow
+def test_trials_share_a_stage_head_and_the_search_keeps_its_best_model(
+    images, tmp_path):
+  # --save_every_steps=1: every trial checkpoints at every step, in its own
+  # workdir only.
+  config = make_config(images, tmp_path / "search", max_trials=3,
+                       head_epochs=2, save_every_steps=1)
+  report = tiny_search(config)
+  assert report["shared_stage_head"] is True and report["seconds"] > 0
+  assert [t["head_shared"] for t in report["trials"]] == [False, True, True]
+  # The first trial is the flags' own recipe (clipped into the space).
+  assert report["trials"][0]["hyperparameters"] == {
+      "unfreeze_blocks": 1, "finetune_learning_rate": 1e-4}
+  project = tmp_path / "search" / "tuner"
+  for trial in report["trials"]:
+    assert trial["epochs"] == {"budget": 3, "run": 3, "head": 2,
+                               "finetune": 1}
+    # A process of its own per trial, its peak memory recorded.
+    assert 100 < trial["peak_rss_mb"] < 8000
+    log = (project / "trials" / trial["trial_id"] / "trial.log").read_text()
+    assert ("Starting stage finetune from the stage head" in log) == (
+        trial["head_shared"])
+  # The shared head is stage head's end, untouched by any finetune step.
+  shared = read_json(project / "shared_heads" / "head2-execution0" /
+                     "checkpoints" / "checkpoint.json")
+  assert (shared["epoch"], shared["step"], shared["stage"]) == (2, 0, "head")
+  # One model on disk: the best trial's, in best/; every trial's report.
+  best = tmp_path / "search" / "best"
+  assert report["best_workdir"] == str(best)
+  assert sorted(os.listdir(best)) == ["curves.png", "export", "export.log",
+                                      "flags.cfg", "model.keras",
+                                      "report.json"]
+  assert os.listdir(best / "export") == ["1"]
+  for trial in report["trials"]:
+    folder = project / "trials" / trial["trial_id"]
+    assert not (folder / "model.keras").exists()
+    assert read_json(folder / "report.json")["val_accuracy"] >= 0
+    assert not (folder / "checkpoints").exists()
+  # Training best.cfg (another workdir) gives the kept model.
+  trained = subprocess.run(
+      [*TRIAL_COMMAND, f"--flagfile={tmp_path}/search/best.cfg",
+       f"--workdir={tmp_path}/trained"], capture_output=True, text=True,
+      timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert_same_weights(best / "model.keras", tmp_path / "trained/model.keras")
+
+
+@pytest.mark.slow
+def test_bad_trials_are_recorded_and_the_search_goes_on(images, tmp_path,
+                                                        monkeypatch):
+  # Trial 0 trains the shared head, then diverges in stage finetune;
+  # trial 1 raises; trial 2 completes from trial 0's head.
+  monkeypatch.setenv("TEST_NAN_TRIALS", "0")
+  monkeypatch.setenv("TEST_FAIL_TRIALS", "1")
+  report = tiny_search(make_config(images, tmp_path, max_trials=3))
+  trials = report["trials"]
+  assert [t["status"] for t in trials] == ["FAILED", "FAILED", "COMPLETED"]
+  assert re.match(r"tf_finetune: error: (The training loss became nan|"
+                  r"Weights became NaN)", trials[0]["error"]), trials[0]
+  assert trials[1]["error"] == "RuntimeError: out of memory, say"
+  assert trials[2]["head_shared"] is True
+  assert report["best_trial"] == "2"
+  # Each trial's peak memory, the failed ones' too.
+  assert all(100 < t["peak_rss_mb"] < 8000 for t in trials), trials
+  for trial in trials[:2]:
+    assert not (tmp_path / "tuner" / "trials" / trial["trial_id"] /
+                "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_recorded_with_its_signal(tmp_path):
+  outcome = tuning.run_child(
+      [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), "
+       "signal.SIGKILL)"], str(tmp_path / "trial.log"))
+  assert outcome.returncode == -9
+  assert outcome.reason() == "killed by SIGKILL (out of memory?)"
+  with pytest.raises(tuning.TrialFailed, match="killed by SIGKILL"):
+    tuning.trial_results(None, outcome)
+
+
+@pytest.mark.slow
+def test_bad_input_inside_a_trial_stops_the_search(images, tmp_path,
+                                                   monkeypatch):
+  monkeypatch.setenv("TEST_BUILD", "user_error_build")
+  with pytest.raises(config_lib.UserError) as raised:
+    tiny_search(make_config(images, tmp_path))
+  assert str(raised.value) == "--weights='x.weights.h5': no such file."
+  # Not once per trial: it would fail them all.
+  assert os.listdir(tmp_path / "tuner" / "trials") == ["0"]
+
+
+@pytest.mark.slow
+def test_a_search_of_failing_trials_ends_with_their_errors(images, tmp_path,
+                                                          monkeypatch):
+  monkeypatch.setenv("TEST_BUILD", "crashing_build")
+  with pytest.raises(config_lib.UserError, match="No trial completed"):
+    tiny_search(make_config(images, tmp_path, max_trials=4))
+  report = read_json(os.path.join(tmp_path, "tuning_report.json"))
+  # KerasTuner alone stops after 3 failures in a row.
+  assert [t["status"] for t in report["trials"]] == ["FAILED"] * 4
+  assert report["trials"][0]["error"] == "RuntimeError: out of memory, say"
+  assert not os.path.exists(os.path.join(tmp_path, "best.cfg"))
+  assert report["best_workdir"] is None
+
+
+@pytest.mark.slow
 def test_overwrite_semantics(images, tmp_path):
-  config = make_config(images, tmp_path)
-  first = tuning.run_search(config, build_fn=tiny_build)
+  config = make_config(images, tmp_path, max_trials=1)
+  first = tiny_search(config)
   changed = dataclasses.replace(config, search_dropout="0.1:0.5")
   with pytest.raises(config_lib.UserError, match="--search_dropout was '', "
                      "now '0.1:0.5'.*--overwrite_search"):
-    tuning.run_search(changed, build_fn=tiny_build)
+    tiny_search(changed)
   # More trials is no change of the search: it resumes.
-  more = tuning.run_search(dataclasses.replace(config, max_trials=3),
-                           build_fn=tiny_build)
-  assert more["trials"][:2] == first["trials"]
-  assert len(more["trials"]) == 3
-  fresh = tuning.run_search(
-      dataclasses.replace(changed, overwrite_search=True, max_trials=1),
-      build_fn=tiny_build)
+  more = tiny_search(dataclasses.replace(config, max_trials=2))
+  assert more["trials"][:1] == first["trials"]
+  assert len(more["trials"]) == 2
+  fresh = tiny_search(
+      dataclasses.replace(changed, overwrite_search=True, max_trials=1))
   assert len(fresh["trials"]) == 1
   assert 0.1 <= fresh["trials"][0]["hyperparameters"]["dropout"] <= 0.5
+  # A searched head hyperparameter: no shared head.
+  assert fresh["shared_stage_head"] is False
   assert not os.path.exists(os.path.join(tmp_path, "tuner", "trial_1"))
+  assert not os.path.exists(os.path.join(tmp_path, "tuner", "shared_heads"))
 
 
+@pytest.mark.slow
 def test_each_execution_starts_from_another_initialisation(images, tmp_path):
-  BUILT_SEEDS.clear()
-  report = tuning.run_search(
-      make_config(images, tmp_path, max_trials=1, executions_per_trial=2,
-                  seed=7), build_fn=tiny_build)
-  assert BUILT_SEEDS == [7, 8]
-  logs = os.path.join(tmp_path, "tuner", "logs", "0")
-  assert sorted(os.listdir(logs)) == ["execution0", "execution1"]
+  report = tiny_search(make_config(images, tmp_path, max_trials=1,
+                                   executions_per_trial=2, seed=7))
+  trial = tmp_path / "tuner" / "trials" / "0"
+  assert "seed 7" in (trial / "trial.log").read_text()
+  assert "seed 8" in (trial / "execution1" / "trial.log").read_text()
   assert report["trials"][0]["epochs"]["run"] == 2
 
 
+@pytest.mark.slow
 def test_early_stopping_watches_stage_finetune_only(images, tmp_path):
   # Learning rates so small that val_accuracy never improves: patience 1
   # stops after the second finetune epoch, never in stage head.
@@ -292,38 +409,11 @@ def test_early_stopping_watches_stage_finetune_only(images, tmp_path):
                        finetune_epochs=4, head_learning_rate=1e-12,
                        search_finetune_learning_rate="1e-12:2e-12",
                        early_stopping_patience=1)
-  report = tuning.run_search(config, build_fn=tiny_build)
+  report = tiny_search(config)
   assert report["trials"][0]["epochs"] == {
       "budget": 7, "run": 5, "head": 3, "finetune": 2}
-
-
-def test_bad_input_inside_a_trial_stops_the_search(images, tmp_path):
-  calls = []
-
-  def build_with_bad_weights(*args):
-    calls.append(args)
-    raise config_lib.UserError("--weights='x.weights.h5': no such file.")
-
-  with pytest.raises(config_lib.UserError, match="--weights='x.weights.h5'"):
-    tuning.run_search(make_config(images, tmp_path), build_with_bad_weights)
-  assert len(calls) == 1  # Not once per trial: it would fail them all.
-
-
-@pytest.mark.parametrize("max_trials, failed, message", [
-    (2, 2, "No trial completed"),
-    # KerasTuner stops the search after 3 failures in a row.
-    (5, 3, "stopped after 3 failed trials in a row, the last with: "
-     "RuntimeError: out of memory, say"),
-])
-def test_failed_trials_are_reported(images, tmp_path, max_trials, failed,
-                                    message):
-  with pytest.raises(config_lib.UserError, match=message):
-    tuning.run_search(make_config(images, tmp_path, max_trials=max_trials),
-                      crashing_build)
-  report = read_json(os.path.join(tmp_path, "tuning_report.json"))
-  assert [t["status"] for t in report["trials"]] == ["FAILED"] * failed
-  assert report["trials"][0]["error"] == "RuntimeError: out of memory, say"
-  assert not os.path.exists(os.path.join(tmp_path, "best.cfg"))
+  # best.cfg stops the same way, so that it trains the kept model.
+  assert "--early_stopping_patience=1\n" in (tmp_path / "best.cfg").read_text()
 
 
 def free_port():
@@ -332,15 +422,17 @@ def free_port():
     return s.getsockname()[1]
 
 
-# One process of a distributed search: argv = Config as JSON, builder name.
+# One process of a distributed search: argv = Config as JSON.
 _PROCESS = """
 import json, sys
 sys.path.insert(0, "tests")
 import test_tuning
 from tf_finetune import config, tuning
-values, builder = json.loads(sys.argv[1]), getattr(test_tuning, sys.argv[2])
+values = json.loads(sys.argv[1])
+for name in ("augment", "export_formats"):
+  values[name] = tuple(values[name])
 try:
-  result = tuning.run_search(config.Config(**values).validate(), builder)
+  result = test_tuning.tiny_search(config.Config(**values).validate())
 except config.UserError as e:
   sys.exit(f"error: {e}")
 if result is not None:
@@ -348,21 +440,20 @@ if result is not None:
 """
 
 
-def run_distributed(config, tuner_ids, builder, folder):
+def run_distributed(config, tuner_ids, folder, env=()):
   """Runs the chief and workers of one search; returns {id: (code, log)}."""
-  values = json.dumps({**dataclasses.asdict(config),
-                       "augment": list(config.augment)})
-  env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1",
+  values = json.dumps(dataclasses.asdict(config))
+  env = {**os.environ, **dict(env), "KERASTUNER_ORACLE_IP": "127.0.0.1",
          "KERASTUNER_ORACLE_PORT": str(free_port())}
   processes = {}
   for tuner_id in tuner_ids:
     with open(folder / f"{tuner_id}.log", "w") as log:
       processes[tuner_id] = subprocess.Popen(
-          [sys.executable, "-c", _PROCESS, values, builder], cwd=ROOT,
+          [sys.executable, "-c", _PROCESS, values], cwd=ROOT,
           stdout=log, stderr=subprocess.STDOUT,
           env={**env, "KERASTUNER_TUNER_ID": tuner_id})
   try:
-    codes = {name: p.wait(timeout=300) for name, p in processes.items()}
+    codes = {name: p.wait(timeout=600) for name, p in processes.items()}
   finally:
     for process in processes.values():
       process.kill()
@@ -379,8 +470,7 @@ def test_distributed_search_records_every_trial_once(images, tmp_path):
   config = make_config(images, tmp_path / "work", max_trials=4, seed=3,
                        val_fraction=0.25, strategy="mirrored",
                        virtual_cpu_devices=2)
-  results = run_distributed(config, ("chief", "tuner0", "tuner1"),
-                            "tiny_build", tmp_path)
+  results = run_distributed(config, ("chief", "tuner0", "tuner1"), tmp_path)
   logs = {name: log for name, (_, log) in results.items()}
   assert {name: code for name, (code, _) in results.items()} == {
       "chief": 0, "tuner0": 0, "tuner1": 0}, logs
@@ -392,8 +482,11 @@ def test_distributed_search_records_every_trial_once(images, tmp_path):
   assert sorted(ran) == ["0", "1", "2", "3"]  # Each trial ran once.
   for name in ("tuner0", "tuner1"):
     builds = logs[name].count("tiny_build: ")
-    assert logs[name].count("tiny_build: 2 replica(s)") == builds
+    assert builds and logs[name].count("tiny_build: 2 replica(s)") == builds
   assert "trial 0 on" not in logs["chief"]  # The chief only hands them out.
+  # The chief cannot reach the workers' models: best.cfg only.
+  assert report["best_workdir"] is None
+  assert os.path.isfile(os.path.join(config.workdir, "best.cfg"))
 
 
 @pytest.mark.slow
@@ -401,8 +494,8 @@ def test_distributed_search_of_failing_trials_ends(images, tmp_path):
   # KerasTuner alone would stop after 3 failures inside a gRPC call, kill
   # the worker and leave the chief waiting forever.
   config = make_config(images, tmp_path / "work", max_trials=4)
-  results = run_distributed(config, ("chief", "tuner0"), "crashing_build",
-                            tmp_path)
+  results = run_distributed(config, ("chief", "tuner0"), tmp_path,
+                            env={"TEST_BUILD": "crashing_build"})
   chief_code, chief_log = results["chief"]
   assert results["tuner0"][0] == 0, results["tuner0"][1]
   assert chief_code == 1 and "No trial completed" in chief_log, chief_log
@@ -434,6 +527,7 @@ def test_split_budget_keeps_both_stages_and_the_total():
     (["--search_finetune_learning_rate=0:1e-3"], "must be above 0"),
     (["--search_dropout=0.5:1.5"], "--search_dropout='0.5:1.5'"),
     (["--search_head_learning_rate=fast"], "expected MIN:MAX"),
+    (["--search_finetune_epochs=0:5"], "both bounds must be at least 1"),
     (["--tuner=grid"], "--tuner=grid: value should be one of"),
     (["--max_trials=0"], "--max_trials=0: must be >= 1"),
     (["--max_epochs=3"], "--max_epochs=3"),
@@ -451,55 +545,47 @@ def test_bad_search_flags_fail_fast_naming_the_flag(tmp_path, flags, culprit):
 def test_default_search_space_is_valid(tmp_path):
   config = config_lib.Config(workdir=str(tmp_path), mode="tune").validate()
   ranges = config.search_ranges()
-  assert set(ranges) == set(config_lib.DEFAULT_SEARCH)
+  assert set(ranges) == set(config_lib.DEFAULT_SEARCH) == {
+      "unfreeze_blocks", "finetune_learning_rate", "finetune_epochs"}
   for name, (low, high) in ranges.items():
     in_bounds = config_lib.SEARCHABLE[name][2]
     assert low < high and in_bounds(low) and in_bounds(high), name
-  # The defaults themselves lie inside the space they are searched in.
+  # The defaults lie inside the space, off its edges where there is room
+  # (16 blocks is all of ResNet50's).
   for name, (low, high) in ranges.items():
-    assert low <= getattr(config, name) <= high, name
+    top = len(config_lib.RESNET50_BLOCKS) if name == "unfreeze_blocks" else 0
+    assert low < getattr(config, name) < high or getattr(config, name) == top
   hp = kt.HyperParameters()
   tuning.FineTuneHyperModel(config).declare_hyperparameters(hp)
   assert {p.name for p in hp.space} == set(ranges)
-  # best.cfg records no search flag, so it never restarts a search.
   assert tuning.shares_stage_head(config)
+  # best.cfg-style flags record no search flag, so they never start one.
+  trial = tuning.training_config(config, hp.values)
+  assert trial.mode == "train" and trial.search_ranges() == ranges
+  assert not any(getattr(trial, f"search_{n}") for n in config_lib.SEARCHABLE)
 
 
-def _count_stage_head_trainings(monkeypatch):
-  calls = []
-  compute = features.CachedHeadStage._compute
-
-  def counting(self):
-    calls.append(1)
-    compute(self)
-  monkeypatch.setattr(features.CachedHeadStage, "_compute", counting)
-  return calls
-
-
-def test_trials_share_one_stage_head_trained_once(images, tmp_path,
-                                                  monkeypatch):
-  calls = _count_stage_head_trainings(monkeypatch)
-  config = make_config(images, tmp_path, max_trials=3, head_epochs=2)
-  report = tuning.run_search(config, build_fn=tiny_build)
-  assert len(calls) == 1
-  assert report["shared_stage_head"] is True and report["seconds"] > 0
-  assert [t["head_shared"] for t in report["trials"]] == [False, True, True]
-  # The first trial is the flags' own recipe (clipped into the space).
-  assert report["trials"][0]["hyperparameters"] == {
-      "unfreeze_blocks": 1, "finetune_learning_rate": 1e-4}
-  # Every trial reports the same stage head and goes on from it.
-  for trial in report["trials"]:
-    assert trial["epochs"] == {"budget": 3, "run": 3, "head": 2,
-                               "finetune": 1}
-
-
-def test_a_searched_head_hyperparameter_trains_a_head_per_trial(
-    images, tmp_path, monkeypatch):
-  calls = _count_stage_head_trainings(monkeypatch)
-  config = make_config(images, tmp_path, max_trials=2,
-                       search_dropout="0.1:0.5")
-  report = tuning.run_search(config, build_fn=tiny_build)
-  assert len(calls) == 2 and report["shared_stage_head"] is False
+def test_a_searched_finetune_length_scales_the_min_steps_too(tmp_path):
+  """README: a trial of E finetune epochs has E / --finetune_epochs of the
+  320-step minimum, so the length it searches acts on small data as well;
+  a Hyperband budget counts epochs only."""
+  config = config_lib.Config(workdir=str(tmp_path), mode="tune").validate()
+  assert config.finetune_epochs == 10 and config.finetune_min_steps == 320
+  for epochs, min_steps in ((5, 160), (10, 320), (20, 640)):
+    trial = tuning.training_config(config, {"finetune_epochs": epochs,
+                                            "unfreeze_blocks": 16,
+                                            "finetune_learning_rate": 1e-4})
+    assert (trial.finetune_epochs, trial.finetune_min_steps) == (
+        epochs, min_steps)
+  budget = tuning.training_config(config, {
+      "finetune_epochs": 10, "unfreeze_blocks": 16,
+      "finetune_learning_rate": 1e-4, "tuner/epochs": 6})
+  assert budget.finetune_min_steps == 0
+  assert budget.head_epochs + budget.finetune_epochs == 6
+  fixed = dataclasses.replace(config, search_finetune_epochs="",
+                              search_unfreeze_blocks="8:16")
+  assert tuning.training_config(fixed, {"unfreeze_blocks": 8}
+                                ).finetune_min_steps == 320
 
 
 def test_half_set_distribution_variables_are_an_error(monkeypatch):
@@ -517,57 +603,65 @@ def test_bayesian_without_its_packages_is_an_error(monkeypatch):
   tuning.check_tuner_available("random")  # Needs neither.
 
 
-# ------------------------------------------ a trial is a training run
+def test_a_ram_workdir_is_refused_as_trials_cannot_see_it(images):
+  # A gs:// workdir works: every process reaches the store.
+  with pytest.raises(config_lib.UserError, match="ram://.*gs://"):
+    tuning.run_search(make_config(images, "ram://search/work"))
+
+
+def test_a_search_module_imports_no_training_module():
+  # Trials train in child processes: the search process never builds a
+  # model or reads a dataset itself (only train.check_data, once).
+  source = open(tuning.__file__).read()
+  for name in ("data", "model", "distribute", "stages"):
+    assert not re.search(rf"^from tf_finetune import .*\b{name}\b|"
+                         rf"^from tf_finetune\.{name} ", source, re.M), name
+
+
+def test_a_shared_head_of_another_stage_head_is_refused(tmp_path):
+  from tf_finetune import checkpoints, workdir
+  head_writer = config_lib.Config(workdir=str(tmp_path / "a"), head_epochs=2,
+                                  shared_head=str(tmp_path / "head"))
+  folder = checkpoints.checkpoint_dir(head_writer.shared_head)
+  os.makedirs(folder)
+  checkpoints.write_pointer(folder, checkpoints.TrainingState(
+      epoch=2, step=0, stage="head", records=[], file="ckpt.weights.h5",
+      num_optimizer_variables=1,
+      fingerprint=config_lib.fingerprint(head_writer)))
+  with open(os.path.join(folder, "ckpt.weights.h5"), "w") as f:
+    f.write("weights")
+  # Other finetune settings share the head: the copy is the run's own.
+  other_finetune = dataclasses.replace(head_writer, workdir=str(tmp_path / "b"),
+                                       unfreeze_blocks=3, finetune_epochs=7)
+  state = workdir.adopt_shared_head(other_finetune)
+  assert state.fingerprint == config_lib.fingerprint(other_finetune)
+  assert checkpoints.read_state(other_finetune.workdir) == state
+  # Another head learning rate does not.
+  with pytest.raises(config_lib.UserError, match=r"--shared_head=.* holds the"
+                     r" stage head of a run with other settings \("
+                     r"--head_learning_rate was 0.001, now 0.01\)"):
+    workdir.adopt_shared_head(dataclasses.replace(
+        head_writer, workdir=str(tmp_path / "c"), head_learning_rate=1e-2))
 
 
 @pytest.mark.slow
-def test_a_trial_trains_exactly_what_mode_train_trains(images, tmp_path,
-                                                      monkeypatch):
-  """One trial and `--mode=train` with the same hyperparameters: the same
-  setup path (train.set_up_run), so bit-identical final weights and the
-  same resolved speed switches."""
-  from tf_finetune import train
-  final_weights = []
-  fit_stages = train.fit_stages
-
-  def recording(run, *args, **kwargs):
-    history = fit_stages(run, *args, **kwargs)
-    final_weights.append([v.numpy().copy() for v in run.model.weights])
-    return history
-  monkeypatch.setattr(train, "fit_stages", recording)
-  search = make_config(images, tmp_path / "search", max_trials=1,
-                       search_unfreeze_blocks="1:1",
-                       search_finetune_learning_rate="1e-3:1e-3")
-  tuning_report = tuning.run_search(search)
-  training = dataclasses.replace(
-      search, mode="train", workdir=str(tmp_path / "train"),
-      unfreeze_blocks=1, finetune_learning_rate=1e-3,
-      search_unfreeze_blocks="", search_finetune_learning_rate="")
-  report = train.run_training(training)
-  assert len(final_weights) == 2
-  for trial, trained in zip(*final_weights):
-    np.testing.assert_array_equal(trial, trained)
-  speed = dict(report["speed"])
-  speed.pop("peak_rss_mb")
-  assert tuning_report["speed"] == speed
-  assert tuning_report["trials"][0]["metrics"]["val_accuracy"] == (
-      pytest.approx(report["val_accuracy"]))
-
-
-def test_a_search_in_a_ram_workdir_keeps_its_files_there(images, tmp_path,
-                                                        monkeypatch):
-  # KerasTuner writes through tf.io.gfile, so a gs:// workdir works as
-  # ram:// does here.
-  monkeypatch.chdir(tmp_path)  # A relative "ram:/..." folder would appear here.
-  workdir = f"ram://tune-{tmp_path.name}/work"
-  config = make_config(images, workdir)
-  result = tuning.run_search(config, build_fn=tiny_build)
-  assert len(result["trials"]) == 2
-  for name in ("tuning_report.json", "best.cfg", "tuner/search.json",
-               "tuner/oracle.json"):
-    assert files.isfile(f"{workdir}/{name}"), name
-  with pytest.raises(config_lib.UserError, match="--overwrite_search"):
-    tuning.run_search(dataclasses.replace(config, search_dropout="0.1:0.5"),
-                      build_fn=tiny_build)
-  assert os.listdir(tmp_path) == []
-  files.remove_tree(workdir.rsplit("/", 1)[0])
+def test_a_stop_signal_to_the_search_reaches_its_trial(tmp_path):
+  # The trial stands in for a training run: on SIGTERM it "checkpoints"
+  # and exits 143, as main.py does.
+  trial = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+           "print('ready', flush=True)\n"
+           "time.sleep(60)\n")
+  # Sent once the child (no TensorFlow to import) has set its handler.
+  timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGTERM))
+  timer.start()
+  try:
+    outcome = tuning.run_child([sys.executable, "-c", trial],
+                               str(tmp_path / "trial.log"))
+  finally:
+    timer.cancel()
+  assert (outcome.returncode, outcome.stopped) == (143, True)
+  assert outcome.seconds < 30
+  with pytest.raises(tuning._StoppedInTrial) as stopped:
+    tuning.trial_results(None, outcome)
+  assert stopped.value.exit_code == 143

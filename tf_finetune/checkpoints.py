@@ -16,15 +16,11 @@ from absl import logging
 from tf_finetune import config as config_lib
 from tf_finetune import files, selection, stages, stop_signals
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import Config, TrainingDiverged, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER_FILE = "checkpoint.json"
 _FORMAT = 1
-
-
-class TrainingDiverged(UserError):
-  """The loss or the weights became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +92,29 @@ def read_state(workdir: str) -> Optional[TrainingState]:
     raise UserError(f"--workdir={workdir!r}: {path} is not a checkpoint "
                     f"pointer this version can read ({e}). Pass --fresh to "
                     "delete the checkpoints and start over.") from e
+
+
+def write_pointer(folder: str, state: TrainingState) -> None:
+  """Writes the pointer naming `state`'s files, which must be complete."""
+  files.write_json_atomic(os.path.join(folder, POINTER_FILE),
+                          {"format": _FORMAT, **state.to_json()},
+                          indent=1)
+
+
+def copy_checkpoint(source: str, workdir: str, state: TrainingState,
+                    fingerprint: Dict) -> TrainingState:
+  """Copies `state`, the checkpoint of workdir `source`, into WORKDIR's
+  checkpoint folder as the start of another run, whose `fingerprint` it
+  then carries (and a run id of its own); returns the copy's state."""
+  folder = checkpoint_dir(workdir)
+  files.makedirs(folder)
+  for name in filter(None, (state.file, state.best_file)):
+    files.write_bytes_atomic(os.path.join(folder, name), files.read_bytes(
+        os.path.join(checkpoint_dir(source), name)))
+  copied = dataclasses.replace(state, fingerprint=fingerprint,
+                               run_id=uuid.uuid4().hex)
+  write_pointer(folder, copied)  # Last: it names complete files only.
+  return copied
 
 
 def read_run_id(workdir: str) -> Optional[str]:
@@ -273,9 +292,7 @@ class Checkpointer(keras.callbacks.Callback):
         best=self.best.state() if self.best else None,
         best_file=self._best_file,
         seed_states=model_lib.seed_states(self.model))
-    files.write_json_atomic(os.path.join(self.folder, POINTER_FILE),
-                            {"format": _FORMAT, **state.to_json()},
-                            indent=1)
+    write_pointer(self.folder, state)
     self._remove_other_files(name, self._best_file)
 
   def _save_best(self, epoch: int, step: int) -> None:

@@ -9,6 +9,7 @@ live in `Config.validate`, so a bad value fails before any expensive work.
 import dataclasses
 import json
 import math
+import signal
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 # Residual blocks of ResNet50, bottom to top; `unfreeze_blocks` counts from
@@ -33,12 +34,24 @@ SEARCHABLE = {
     "finetune_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "head_learning_rate": (float, "log", lambda v: v > 0, "above 0"),
     "dropout": (float, "linear", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune_epochs": (int, "log", lambda v: v >= 1, "at least 1"),
 }
-# What `--mode=tune` searches when no --search_* flag is given: how deep to
-# fine-tune and how fast, the two choices that decide whether fine-tuning
-# helps or hurts on a given dataset (README, "The recipe").
-DEFAULT_SEARCH = {"unfreeze_blocks": "0:16",
-                  "finetune_learning_rate": "1e-5:1e-3"}
+# Searched flags that change what stage head trains: searching one gives
+# every trial a stage head of its own (tuning.shares_stage_head).
+HEAD_HYPERPARAMETERS = ("head_learning_rate", "dropout")
+# The settings stage finetune alone reads: runs that differ only in these
+# (and in resumable ones) train the same stage head (--shared_head).
+FINETUNE_SETTINGS = ("finetune_epochs", "finetune_min_steps",
+                     "finetune_learning_rate", "unfreeze_blocks",
+                     "warmup_fraction", "early_stopping_patience")
+# What `--mode=tune` searches when no --search_* flag is given: what the
+# recipe leaves to the data (README, "The recipe"): how deep, how fast and
+# how long to fine-tune, each range holding the default inside (16 blocks,
+# 1e-4 and 10 epochs at the log-scale middle); 16 is all of ResNet50's
+# blocks, so depth can only go down from the default.
+DEFAULT_SEARCH = {"unfreeze_blocks": "4:16",
+                  "finetune_learning_rate": "2e-5:5e-4",
+                  "finetune_epochs": "5:20"}
 # Speed switches. "auto" is resolved per machine in speed.py.
 JIT_COMPILE_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION_CHOICES = ("auto", "float32", "mixed_float16",
@@ -60,8 +73,25 @@ EXPORT_FORMATS = ("saved_model", "tflite")
 RUNTIMES = ("tensorflow", "tflite", "tflite_int8")
 
 
+# Exit codes of `python -m tf_finetune.main`. 128 + the signal's number is
+# the shell's code for a process that signal ended: job schedulers then see
+# an unfinished run and restart it, and the restart resumes. SIGTERM: 143;
+# SIGINT (Ctrl-C): 130. Bad input exits 2; a diverged run 3, so that a
+# search tells a trial that diverged (one bad trial) from bad input (which
+# fails every trial).
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+USER_ERROR_EXIT_CODE = 2
+DIVERGED_EXIT_CODE = 3
+
+
 class UserError(Exception):
   """A problem with the user's input: reported as one paragraph, no trace."""
+
+
+class TrainingDiverged(UserError):
+  """The loss or the weights became NaN or infinite (checkpoints.py); its
+  own exit code, so a search tells it from bad input (main.py)."""
 
 
 class Preempted(Exception):
@@ -178,6 +208,18 @@ class Config:
   fresh: bool = setting(
       False, "Delete WORKDIR/checkpoints and train from the start instead of "
       "resuming.", resumable=True, recorded=False)
+  export: bool = setting(
+      True, "Write a SavedModel version at the end of training (--noexport: "
+      "search trials; --mode=export writes one later from model.keras).",
+      resumable=True)
+  shared_head: str = setting(
+      "", "DIR shared by runs that train the same stage head: start stage "
+      "finetune from the stage-head checkpoint in DIR/checkpoints, or train "
+      "stage head and write that checkpoint there (search trials).",
+      resumable=True)
+  model_seed: int = setting(
+      -1, "Seed of initialisation and dropout (-1: --seed); a search's "
+      "repeated executions of a trial use --seed + i.")
   # Mode "tune" (tuning.py). An empty search_* flag keeps that training flag
   # fixed; "MIN:MAX" searches it. One per SEARCHABLE name.
   search_unfreeze_blocks: str = setting("", _search_help("unfreeze_blocks"))
@@ -186,8 +228,10 @@ class Config:
   search_head_learning_rate: str = setting(
       "", _search_help("head_learning_rate"))
   search_dropout: str = setting("", _search_help("dropout"))
-  tuner: str = setting("random", "Search algorithm.", choices=TUNERS)
-  max_trials: int = setting(10, "Trials of the search.", resumable=True)
+  search_finetune_epochs: str = setting(
+      "", _search_help("finetune_epochs"))
+  tuner: str = setting("bayesian", "Search algorithm.", choices=TUNERS)
+  max_trials: int = setting(5, "Trials of the search.", resumable=True)
   max_epochs: int = setting(0, "Hyperband's largest epoch budget per trial "
                             "(0: --head_epochs plus --finetune_epochs).")
   hyperband_factor: int = setting(
@@ -197,8 +241,8 @@ class Config:
       "(over both stages), and that the search optimises.",
       choices=OBJECTIVES)
   early_stopping_patience: int = setting(
-      0, "Stop a trial after this many stage-finetune epochs without a "
-      "better objective (0: off).")
+      0, "Stop stage finetune after this many epochs without a better "
+      "objective (0: off).")
   executions_per_trial: int = setting(
       1, "Trainings per trial, from different initialisations; the score is "
       "their mean.")
@@ -327,6 +371,9 @@ class Config:
            "(0: a checkpoint at the end of every epoch only).")
     _check(not self.fresh or self.mode == "train",
            f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
+    _check(not self.shared_head or self.head_epochs > 0,
+           "--shared_head: needs a stage head (--head_epochs > 0).")
+
   def search_ranges(self) -> Dict[str, Tuple]:
     """{training flag: (MIN, MAX)} for every search_* flag that is set;
     DEFAULT_SEARCH when none is."""

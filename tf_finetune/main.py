@@ -13,7 +13,6 @@ override it. --helpfull also lists the flags of absl and TensorFlow.
 import dataclasses
 import logging as pylogging
 import os
-import signal
 import sys
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can set it.
@@ -24,11 +23,6 @@ from absl import app, flags  # noqa: E402
 from tf_finetune import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-# 128 + the signal's number, the shell's code for a process that signal
-# ended: job schedulers then see an unfinished run and restart it, and the
-# restart resumes. SIGTERM: 143; SIGINT (Ctrl-C): 130.
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -82,7 +76,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"tf_finetune: error: unexpected arguments {argv[1:]}: every "
           "setting is a flag, --name=value.", file=sys.stderr)
-    return 2
+    return config_lib.USER_ERROR_EXIT_CODE
   try:
     config = config_from_flags()
     from tf_finetune import distribute, train  # Heavy: after validation.
@@ -97,7 +91,7 @@ def main(argv):
         print(f"val_balanced_accuracy: {result['val_balanced_accuracy']:.4f}")
       if chief:
         print(f"report: {os.path.join(config.workdir, 'report.json')}")
-        print(f"export: {result['export_path']}")
+        print(f"export: {result['export_path'] or 'none (--noexport)'}")
     elif config.mode == "evaluate":
       from tf_finetune import evaluate
       result = evaluate.run_evaluation(config)
@@ -122,13 +116,15 @@ def main(argv):
               f"tf_finetune.main --flagfile={result['best_config']})")
   except config_lib.UserError as e:
     print(f"tf_finetune: error: {e}", file=sys.stderr)
-    return 2
+    diverged = isinstance(e, config_lib.TrainingDiverged)
+    return (config_lib.DIVERGED_EXIT_CODE if diverged
+            else config_lib.USER_ERROR_EXIT_CODE)
   except config_lib.Preempted as e:
     print(f"tf_finetune: {e}", file=sys.stderr)
-    return getattr(e, "exit_code", PREEMPTED_EXIT_CODE)
+    return getattr(e, "exit_code", config_lib.PREEMPTED_EXIT_CODE)
   except KeyboardInterrupt:  # Ctrl-C outside training, or twice inside.
     print("tf_finetune: stopped by SIGINT.", file=sys.stderr)
-    return INTERRUPTED_EXIT_CODE
+    return config_lib.INTERRUPTED_EXIT_CODE
   return 0
 
 
@@ -191,7 +187,7 @@ def parse_flags(argv):
     message = " ".join(str(e).split()).rstrip(".")
     print(f"tf_finetune: error: {message}. --help lists the flags.",
           file=sys.stderr)
-    sys.exit(2)
+    sys.exit(config_lib.USER_ERROR_EXIT_CODE)
 
 
 def declare_flags_of_main_module():

@@ -53,6 +53,8 @@ def find_resume_state(config: Config, strategy
   """
   if distribute.writes_outputs(strategy):
     resume = workdir_lib.prepare_workdir(config)  # Refuses another run's.
+    if resume is None and config.shared_head:
+      resume = workdir_lib.adopt_shared_head(config)
   else:
     resume = workdir_lib.check_workdir(config)
   distribute.check_same_start(strategy, describe_start(resume),
@@ -71,7 +73,8 @@ def _train(config: Config, strategy,
            extra_callbacks: Sequence[keras.callbacks.Callback]) -> Dict:
   started = time.perf_counter()
   files.makedirs(config.workdir)
-  run = set_up_run(config, strategy)
+  run = set_up_run(config, strategy, model_seed=(
+      None if config.model_seed < 0 else config.model_seed))
   model, datasets = run.model, run.datasets
   stage_callback, best = start_stages(run, resume, checkpoint_folder)
   fit_remaining(run, stage_callback, best, resume, extra_callbacks)
@@ -85,7 +88,7 @@ def _train(config: Config, strategy,
       config.resolved_export_dir, config.top_k,
       run_id=checkpoints.read_run_id(config.workdir),
       formats=config.export_formats,
-      max_image_pixels=config.max_image_pixels)
+      max_image_pixels=config.max_image_pixels) if config.export else None
   result = report.build_report(
       class_names=datasets.class_names,
       num_examples=datasets.num_examples,
@@ -213,9 +216,8 @@ def calibrate(config: Config, model: keras.Model,
   """Temperature scaling of the kept model on the validation split
   (calibration.py), unless --nocalibrate or there is no such split.
 
-  Search trials never get here: they save no model, and their objective
-  (accuracy, or the loss of the uncalibrated model they trained) is what
-  the search compares.
+  Search trials are training runs and get here too; the search compares
+  their kept epoch's objective, measured before calibration.
 
   Returns:
     report.json's "calibration": the fitted record, or {"skipped": reason}.
@@ -274,10 +276,46 @@ def fit_remaining(run: Run, stage_callback: stages.TwoStageCallback,
   # CSV log and the best-weights keeper included, have seen the epoch.
   callbacks = [*training_logs.create_logging_callbacks(
                    config.workdir, append=resume is not None),
-               *extra_callbacks, checkpointer,
+               *extra_callbacks, *early_stopping(config, run.plan),
+               checkpointer, *head_sharing(run, stage_callback, best, resume),
                training_logs.EpochProgress(run.plan.total_epochs)]
   with checkpointer.catch_stop_signals():
     fit_stages(run, stage_callback, best, callbacks, resume)
+
+
+def early_stopping(config: Config, plan: stages.StagePlan) -> list:
+  """--early_stopping_patience: watches stage finetune only, as stopping in
+  stage head would skip the stage the backbone learns in."""
+  if not config.early_stopping_patience:
+    return []
+  return [keras.callbacks.EarlyStopping(
+      monitor=config.objective,
+      mode=selection.objective_direction(config.objective),
+      patience=config.early_stopping_patience,
+      start_from_epoch=plan.head_epochs)]
+
+
+def head_sharing(run: Run, stage_callback: stages.TwoStageCallback,
+                 best: selection.BestWeights,
+                 resume: Optional[checkpoints.TrainingState]) -> list:
+  """With --shared_head and none there yet: a `Checkpointer` that writes
+  the end of stage head there, and nothing else (no step checkpoints, so
+  stage finetune never writes into the shared folder)."""
+  config, plan = run.config, run.plan
+  if (not config.shared_head or (resume and resume.epoch >= plan.head_epochs)
+      or checkpoints.read_state(config.shared_head) is not None):
+    return []
+  return [checkpoints.Checkpointer(
+      config.shared_head, dataclasses.replace(config, save_every_steps=0),
+      stage_callback, plan.steps_per_epoch, resume, model=run.model,
+      best=best, unsaved_epochs=[e for e in range(plan.total_epochs)
+                                 if e != plan.head_epochs - 1])]
+
+
+def check_data(config: Config) -> None:
+  """Reads the data as a run would, so bad input fails before a search's
+  first trial (UserError)."""
+  data.create_datasets(config)
 
 
 def fit_stages(run: Run, stage_callback: stages.TwoStageCallback,

@@ -1,74 +1,61 @@
-"""Search stage (`--mode=tune`): KerasTuner over the unfreeze depth and the
-learning rates; writes best.cfg and tuning_report.json.
+"""Search stage (`--mode=tune`): KerasTuner over the flags of a training run.
 
-A trial is exactly a training run: `FineTuneHyperModel.build` is
-`model.build_model`, and its `fit` runs both stages with `train.fit_stages`
-and `stages.TwoStageCallback`, as `train.run_training` does (stage head on
-cached features unless --nocache_features), on input pipelines made afresh
-and seeded the same way. A searched flag is a
-hyperparameter of the same name; every other flag stays at its value.
-
-Hyperband's budgets. Hyperband gives each trial E epochs. A trial of budget
-E trains the whole recipe compressed to E epochs: each stage gets its share
-of E in proportion to --head_epochs : --finetune_epochs, rounded half up,
-and both stages keep at least one epoch when E >= 2 (`split_budget`). With
---head_epochs=3 --finetune_epochs=5, a 2-epoch bracket trains 1 + 1 epochs,
-a 4-epoch one 2 + 2, the full 8 epochs 3 + 5; a 1-epoch budget is one
-finetune epoch. Filling stage head first was rejected: any budget up to 3
-epochs would then never reach stage finetune, where the unfreeze depth and
-the fine-tuning rate act, and Hyperband would rank trials on noise.
-Hyperband's later rounds retrain a promising configuration from scratch
-with the bigger budget instead of continuing its parent's checkpoint, as
-KerasTuner does by default: the parent's compressed schedule is no prefix of
-the longer one (its head stage was shorter and it has fine-tuned already),
-and no weights have to travel between the machines of a distributed search.
-That costs about 1/--hyperband_factor more epochs. No trial keeps weights:
-best.cfg trains the winner.
-
-WORKDIR/tuner/ holds KerasTuner's project and search.json, the flags that
-define the search: a rerun with the same flags resumes, other flags are an
-error unless --overwrite_search (KerasTuner would silently keep the old
-search space, ARCHITECTURE.md).
+Each trial is `--mode=train` in a child process (`python -m
+tf_finetune.main --flagfile=WORKDIR/tuner/trials/<id>/flags.cfg`), so a
+trial and a training run share one path and every trial's memory goes back
+to the operating system. Writes tuning_report.json and best.cfg, and keeps
+the best trial so far as the training workdir WORKDIR/best/, exported at
+the end. ARCHITECTURE.md ("The search") has the design.
 """
 
+import ctypes
 import dataclasses
 import importlib.util
 import math
 import os
-import contextlib
+import signal
+import subprocess
+import sys
+import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import keras
 import keras_tuner as kt
+import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
+import tf_finetune
+from tf_finetune import checkpoints, files, report, saved_models, selection, train
 from tf_finetune import config as config_lib
-from tf_finetune import (checkpoints, data, distribute, files, selection,
-                         speed, stages, train)
-from tf_finetune import model as model_lib
-from tf_finetune.config import Config, UserError
+from tf_finetune.config import Config, Preempted, UserError
 
 PROJECT = "tuner"
 DEFINITION_FILE = "search.json"
 REPORT_FILE = "tuning_report.json"
 BEST_CONFIG_FILE = "best.cfg"
-_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+BEST_DIR = "best"
+TRIALS_DIR = "trials"
+TRIAL_LOG = "trial.log"
 SHARED_HEADS = "shared_heads"
-# Searched flags that change what stage head trains.
-_HEAD_HYPERPARAMETERS = ("head_learning_rate", "dropout")
+_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# What runs a trial: the package's own command line, flags appended.
+TRIAL_COMMAND = (sys.executable, "-m", "tf_finetune.main")
+# What WORKDIR/best/ takes from the best trial's workdir, besides its flags.
+_BEST_FILES = (saved_models.MODEL_FILE, report.REPORT_FILE, "curves.png")
 
 
 def shares_stage_head(config: Config) -> bool:
   """Whether the trials of a search can share one stage head."""
   return config.head_epochs > 0 and not any(
-      name in config.search_ranges() for name in _HEAD_HYPERPARAMETERS)
+      name in config.search_ranges()
+      for name in config_lib.HEAD_HYPERPARAMETERS)
 
 
 def split_budget(budget: int, head_epochs: int,
                  finetune_epochs: int) -> Tuple[int, int]:
-  """(head, finetune) epochs of a trial of `budget` epochs: the module
-  docstring says how and why."""
+  """(head, finetune) epochs of a trial of `budget` epochs: each stage its
+  share in proportion, both at least one when budget >= 2
+  (ARCHITECTURE.md, "The search")."""
   if finetune_epochs == 0:
     return budget, 0
   if head_epochs == 0 or budget == 1:
@@ -83,19 +70,43 @@ def budget_of(values: Dict, config: Config) -> int:
   return int(values.get("tuner/epochs", config.total_epochs))
 
 
+def training_config(config: Config, values: Dict, **changes) -> Config:
+  """The search's flags as the `--mode=train` run of a trial whose
+  hyperparameters are `values`: the searched flags set, the epochs of its
+  budget (`split_budget`), no search flag left."""
+  trial = dataclasses.replace(
+      config, mode="train", overwrite_search=False, max_epochs=0,
+      **{f"search_{name}": "" for name in config_lib.SEARCHABLE},
+      **{name: values[name] for name in config.search_ranges()})
+  head, finetune = split_budget(budget_of(values, trial), trial.head_epochs,
+                                trial.finetune_epochs)
+  return dataclasses.replace(trial, head_epochs=head, finetune_epochs=finetune,
+                             finetune_min_steps=trial_min_steps(config, values),
+                             **changes)
+
+
+def trial_min_steps(config: Config, values: Dict) -> int:
+  """--finetune_min_steps of a trial. A searched --finetune_epochs scales
+  it alike (E epochs: E / --finetune_epochs of the minimum), so the
+  searched length acts on small data too, where the minimum decides the
+  length. A Hyperband budget counts epochs only: no minimum."""
+  if "tuner/epochs" in values:
+    return 0
+  if ("finetune_epochs" not in config.search_ranges()
+      or not config.finetune_epochs):
+    return config.finetune_min_steps
+  return round(config.finetune_min_steps * values["finetune_epochs"]
+               / config.finetune_epochs)
+
+
 class FineTuneHyperModel(kt.HyperModel):
-  """The two-stage fine-tuning run as a KerasTuner HyperModel.
+  """The search space of a two-stage fine-tuning run, and the training
+  flags of each trial (`trial_config`); trials run as child processes, so
+  `build` is never called."""
 
-  A trial is a training run: `train_trial` goes through `train.set_up_run`,
-  `train.start_stages` and `train.fit_stages`, the path of `--mode=train`,
-  with the flags of `trial_config`. `build_fn` is `model.build_model` or a
-  stand-in with its signature (tests).
-  """
-
-  def __init__(self, config: Config, build_fn=model_lib.build_model):
+  def __init__(self, config: Config):
     super().__init__(name="tf_finetune")
     self.config = config
-    self.build_fn = build_fn
 
   def declare_hyperparameters(self, hp: kt.HyperParameters) -> None:
     """One hyperparameter per searched flag; its default is the flag's value
@@ -110,128 +121,219 @@ class FineTuneHyperModel(kt.HyperModel):
       else:
         hp.Float(name, low, high, sampling=sampling, default=default)
 
-  def trial_config(self, hp: kt.HyperParameters) -> Config:
-    """The training config of a trial: the flags with `hp`'s values, and
-    the epochs of its budget (`split_budget`)."""
+  def trial_config(self, hp: kt.HyperParameters, workdir: str,
+                   execution: int = 0, shared_head: str = "") -> Config:
+    """The training flags of one execution of a trial (`training_config`)
+    in `workdir`; no export (the search exports its best model once);
+    execution i > 0 from another initialisation (seed + i)."""
     self.declare_hyperparameters(hp)
-    trial = dataclasses.replace(self.config, **{
-        name: hp.get(name) for name in self.config.search_ranges()})
-    head, finetune = split_budget(budget_of(hp.values, trial),
-                                  trial.head_epochs, trial.finetune_epochs)
-    return dataclasses.replace(trial, head_epochs=head,
-                               finetune_epochs=finetune)
+    return training_config(
+        self.config, hp.values, workdir=workdir, export=False,
+        shared_head=shared_head,
+        model_seed=self.config.seed + execution if execution else -1)
 
-  def build(self, hp: kt.HyperParameters) -> keras.Model:
-    raise NotImplementedError("A trial builds its model in train_trial.")
-
-  def train_trial(self, hp: kt.HyperParameters, strategy, execution: int = 0,
-                  callbacks=(), shared_head: Optional[str] = None,
-                  verbose=2) -> Dict[str, float]:
-    """Trains one execution of a trial; returns the kept epoch's metrics
-    (what a training run keeps and reports) and the epochs run per stage.
-
-    Args:
-      hp: the trial's hyperparameters.
-      strategy: the search's tf.distribute strategy.
-      execution: execution i starts from another initialisation (seed + i).
-      callbacks: more Keras callbacks (TensorBoard).
-      shared_head: a folder holding the checkpoint of stage head's end,
-        shared by the trials that train the same head: the first trial
-        writes it, the others start stage finetune from it.
-    """
-    trial = self.trial_config(hp)
-    run = train.set_up_run(trial, strategy, self.build_fn,
-                           model_seed=trial.seed + execution)
-    head_state = (checkpoints.read_state(shared_head) if shared_head
-                  else None)
-    stage_callback, best = train.start_stages(
-        run, head_state, shared_head and checkpoints.checkpoint_dir(
-            shared_head))
-    extra = list(callbacks)
-    if shared_head and head_state is None and run.plan.head_epochs:
-      extra.append(checkpoints.Checkpointer(
-          shared_head, trial, stage_callback, run.plan.steps_per_epoch,
-          model=run.model, best=best, unsaved_epochs=[
-              e for e in range(run.plan.total_epochs)
-              if e != run.plan.head_epochs - 1]))
-    train.fit_stages(run, stage_callback, best,
-                     [*extra, *self._early_stopping(run.plan)],
-                     resume=head_state, verbose=verbose)
-    ran = {record["name"]: len(record["history"].get("loss", []))
-           for record in stage_callback.stage_reports()}
-    return {**kept_metrics(stage_callback, best, run.plan),
-            "epochs_run": sum(ran.values()),
-            "head_epochs_run": ran.get(stages.HEAD, 0),
-            "finetune_epochs_run": ran.get(stages.FINETUNE, 0),
-            "head_shared": float(head_state is not None)}
-
-  def _early_stopping(self, plan: stages.StagePlan) -> List:
-    # Watches stage finetune only: stopping in stage head would skip the
-    # stage the search is about.
-    if not self.config.early_stopping_patience:
-      return []
-    return [keras.callbacks.EarlyStopping(
-        monitor=self.config.objective,
-        mode=selection.objective_direction(self.config.objective),
-        patience=self.config.early_stopping_patience,
-        start_from_epoch=plan.head_epochs)]
-
-
-def kept_metrics(stage_callback: stages.TwoStageCallback,
-                 best: selection.BestWeights,
-                 plan: stages.StagePlan) -> Dict[str, float]:
-  """The metrics of the epoch whose weights were kept (the last epoch's
-  when none was validated)."""
-  records = stage_callback.stage_reports()
-  if best.best is None:
-    return {name: values[-1] for name, values
-            in records[-1]["history"].items()}
-  stage, epoch = best.best.stage, best.best.epoch
-  index = epoch - (plan.head_epochs if stage == stages.FINETUNE else 0)
-  record = next(r for r in records if r["name"] == stage)
-  return {name: values[index] for name, values in record["history"].items()}
+  def build(self, hp: kt.HyperParameters):
+    raise NotImplementedError("A trial is a training run in a child process.")
 
 
 class _UserErrorInTrial(kt.errors.FatalError):
-  """Carries a UserError out of the search. KerasTuner records any other
-  error as a failed trial and goes on, but bad input fails every trial."""
+  """Bad input (exit code 2) out of a trial: it would fail every trial,
+  so it ends the search. KerasTuner records any other error as a failed
+  trial and goes on."""
+
+
+class _StoppedInTrial(kt.errors.FatalError):
+  """SIGTERM or SIGINT stopped the search during a trial (exit_code)."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+class TrialFailed(RuntimeError):
+  """A trial diverged, was killed or raised: recorded as failed."""
+
+
+@dataclasses.dataclass
+class ChildOutcome:
+  """How a trial's process ended.
+
+  Attributes:
+    returncode: its exit code; -N when signal N killed it.
+    output: its stdout and stderr, interleaved.
+    peak_rss_mb: its peak resident memory (the kernel's figure at exit).
+    seconds: its wall time.
+    stopped: whether this process passed it a stop signal.
+  """
+  returncode: int
+  output: str
+  peak_rss_mb: float
+  seconds: float
+  stopped: bool = False
+
+  def reason(self) -> str:
+    """The error line of a failed child: main.py's "tf_finetune: error:"
+    line, else its last line (a traceback's exception), else the signal."""
+    if self.returncode < 0:
+      name = signal.Signals(-self.returncode).name
+      return f"killed by {name}" + (" (out of memory?)"
+                                    if name == "SIGKILL" else "")
+    lines = [line for line in self.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("tf_finetune: error:")]
+    return (errors or lines or [f"exit code {self.returncode}"])[-1][:500]
+
+
+def run_child(command: Sequence[str], log_path: str,
+              echo: bool = True) -> ChildOutcome:
+  """Runs `command`, its output echoed and kept in `log_path`.
+
+  SIGTERM and SIGINT to this process are passed on to the child, which
+  checkpoints and stops; the child is killed if this process dies (Linux),
+  so no orphan trains on beside a rerun of the search.
+  """
+  started = time.perf_counter()
+  env = dict(os.environ)
+  # The child imports this very package, wherever the search runs from.
+  root = os.path.dirname(os.path.dirname(tf_finetune.__file__))
+  env["PYTHONPATH"] = os.pathsep.join(
+      filter(None, (root, env.get("PYTHONPATH"))))
+  for name in [n for n in env if n.startswith("KERASTUNER_")]:
+    del env[name]  # A trial is a training run, not a search process.
+  process = subprocess.Popen(
+      list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+  stopped = []
+
+  def pass_on(number, frame):
+    del frame
+    stopped.append(number)
+    process.send_signal(number)
+  handlers = _set_stop_handlers(pass_on)
+  try:
+    lines = []
+    for line in process.stdout:
+      lines.append(line)
+      if echo:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    process.stdout.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+  finally:
+    _set_stop_handlers(handlers)
+    if process.returncode is None:
+      process.kill()
+      process.wait()
+  output = "".join(lines)
+  files.write_text_atomic(log_path, output)
+  # Linux reports KiB, macOS bytes.
+  peak = usage.ru_maxrss / ((1 << 20) if sys.platform == "darwin" else 1024)
+  return ChildOutcome(process.returncode, output, peak,
+                      time.perf_counter() - started, bool(stopped))
+
+
+def _set_stop_handlers(handler) -> Dict:
+  """Sets `handler` (one callable, or the dict this returns) for SIGTERM
+  and SIGINT; returns the previous handlers. Only the main thread may."""
+  if not isinstance(handler, dict):
+    handler = {number: handler for number in (signal.SIGTERM, signal.SIGINT)}
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  return {number: signal.signal(number, h) for number, h in handler.items()}
+
+
+# Linux's prctl, looked up before any fork: the child between fork and exec
+# should take no lock another thread of this process might hold.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  if _PRCTL is not None:
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def trial_results(config: Config, outcome: ChildOutcome) -> Dict[str, float]:
+  """The metrics of a finished trial, or raises by how it ended.
+
+  Raises:
+    _StoppedInTrial: a stop signal this process passed on ended it.
+    _UserErrorInTrial: bad input (exit code 2).
+    TrialFailed: it diverged, was killed or raised.
+  """
+  code = outcome.returncode
+  if outcome.stopped and code != 0:
+    raise _StoppedInTrial(
+        f"search stopped in a trial ({outcome.reason()}); rerun the same "
+        "command to resume it.", code if code > 0 else 128 - code)
+  if code == config_lib.USER_ERROR_EXIT_CODE:
+    raise _UserErrorInTrial(outcome.reason().replace(
+        "tf_finetune: error: ", "", 1))
+  if code != 0:
+    raise TrialFailed(outcome.reason())
+  result = files.read_json(os.path.join(config.workdir, report.REPORT_FILE))
+  ran = {record["name"]: len(record["history"].get("loss", []))
+         for record in result["stages"]}
+  return {**kept_metrics(result), "epochs_run": sum(ran.values()),
+          "head_epochs_run": ran.get("head", 0),
+          "finetune_epochs_run": ran.get("finetune", 0),
+          "peak_rss_mb": outcome.peak_rss_mb}
+
+
+def kept_metrics(result: Dict) -> Dict[str, float]:
+  """The metrics of the epoch whose weights a run's report.json says it
+  kept (the last epoch's when none was validated)."""
+  records, kept = result["stages"], result.get("kept")
+  if kept is None:
+    return {name: values[-1] for name, values
+            in records[-1]["history"].items()}
+  record = next(r for r in records if r["name"] == kept["stage"])
+  index = kept["epoch"] - (0 if record is records[0]
+                           else result["config"]["head_epochs"])
+  return {name: values[index] for name, values in record["history"].items()}
 
 
 class FineTuneTuner(kt.Tuner):
-  """A KerasTuner Tuner whose trials are `FineTuneHyperModel` runs.
+  """A KerasTuner Tuner whose trials are training runs in child processes.
 
-  Overrides `run_trial` (KerasTuner's documented hook) to leave out what a
-  trial here does not need: the per-epoch best-weights checkpoint (95 MB of
-  ResNet50 per trial, never read: see the module docstring) and Hyperband's
-  continuation from a parent's checkpoint.
+  Overrides `run_trial` (KerasTuner's documented hook): writes the trial's
+  flags, runs `command` on them, reads the run's report.json. After each
+  trial, keeps the best one so far in WORKDIR/best/ (`keep_best`).
   """
 
-  def __init__(self, oracle, hypermodel, log_dir: str, **kwargs):
-    self.log_dir = log_dir
+  def __init__(self, oracle, hypermodel: FineTuneHyperModel,
+               command: Sequence[str] = TRIAL_COMMAND, **kwargs):
+    self.command = tuple(command)
     super().__init__(oracle, hypermodel, **kwargs)
+
+  @property
+  def config(self) -> Config:
+    return self.hypermodel.config
 
   def _populate_initial_space(self):
     # The space has no conditional parameters, so declaring it is enough.
-    # KerasTuner's default builds a model to find conditions: a whole
-    # ResNet50 before the search starts, on the chief too.
+    # KerasTuner's default builds a model to find conditions.
     hp = self.oracle.get_space()
     self.hypermodel.declare_hyperparameters(hp)
     self.oracle.update_space(hp)
 
-  def shared_head_folder(self, hp: kt.HyperParameters,
-                         execution: int) -> Optional[str]:
-    """Where the trials that train the same stage head share it, or None.
+  def trial_dir(self, trial_id: str, execution: int = 0) -> str:
+    """The workdir of one execution of a trial."""
+    folder = os.path.join(self.project_dir, TRIALS_DIR, trial_id)
+    return folder if not execution else os.path.join(
+        folder, f"execution{execution}")
+
+  def shared_head_folder(self, hp: kt.HyperParameters, execution: int) -> str:
+    """Where the trials that train the same stage head share it, or "".
 
     Stage head depends on the flags, the trial's head epochs (Hyperband
     budgets differ) and the execution's seed, not on what stage finetune
-    does: when no head hyperparameter is searched, the first trial of each
-    (head epochs, execution) trains it and the others start from its
-    checkpoint. Not in a distributed search, whose workers may not share a
-    file system.
+    does. Not in a distributed search, whose workers may not share a file
+    system.
     """
-    if not shares_stage_head(self.hypermodel.config) or distributed_role():
-      return None
-    head_epochs = self.hypermodel.trial_config(hp).head_epochs
+    if not shares_stage_head(self.config) or distributed_role():
+      return ""
+    head_epochs = self.hypermodel.trial_config(hp, "").head_epochs
     return os.path.join(self.project_dir, SHARED_HEADS,
                         f"head{head_epochs}-execution{execution}")
 
@@ -241,44 +343,93 @@ class FineTuneTuner(kt.Tuner):
           f"{describe_values(hp.values)}", flush=True)
     results = []
     for execution in range(self.executions_per_trial):
-      started = time.perf_counter()
-      callbacks = [keras.callbacks.TensorBoard(self.log_dir, write_graph=False)]
-      # Per-trial log folder plus TensorBoard's HParams dashboard.
-      self._configure_tensorboard_dir(callbacks, trial, execution)
-      per_fit, per_trial = split_hparams_callbacks(callbacks)
+      shared = self.shared_head_folder(hp, execution)
+      config = self.hypermodel.trial_config(
+          hp, self.trial_dir(trial.trial_id, execution), execution, shared)
+      head_shared = bool(shared) and checkpoints.read_state(shared) is not None
+      flagfile = os.path.join(config.workdir, "flags.cfg")
+      files.write_text_atomic(flagfile, config_lib.to_flagfile(config))
+      log_hparams(config.workdir, trial.trial_id, {
+          name: hp.values[name] for name in self.config.search_ranges()})
+      outcome = run_child([*self.command, f"--flagfile={flagfile}"],
+                          os.path.join(config.workdir, TRIAL_LOG))
       try:
-        keras.backend.clear_session()
-        with once_around_fits(per_trial):
-          result = self.hypermodel.train_trial(
-              hp, self.distribution_strategy, execution, per_fit,
-              self.shared_head_folder(hp, execution))
-      except UserError as e:
-        raise _UserErrorInTrial(str(e)) from e
-      results.append({**result, "seconds": time.perf_counter() - started})
+        result = trial_results(config, outcome)
+      except TrialFailed:
+        # What tuning_report.json shows of a failed trial too.
+        trial.metrics.update("peak_rss_mb", outcome.peak_rss_mb)
+        trial.metrics.update("seconds", outcome.seconds)
+        # A failed trial is not rerun: its checkpoints are of no use.
+        checkpoints.remove_checkpoints(config.workdir)
+        raise
+      results.append({**result, "seconds": outcome.seconds,
+                      "head_shared": float(head_shared)})
     return results  # KerasTuner averages the executions.
 
+  def on_trial_end(self, trial):
+    super().on_trial_end(trial)
+    if distributed_role():
+      # The chief cannot reach a worker's files: keep no model.
+      for execution in range(self.executions_per_trial):
+        files.remove(os.path.join(self.trial_dir(trial.trial_id, execution),
+                                  saved_models.MODEL_FILE))
+    else:
+      self.keep_best()
 
-def split_hparams_callbacks(callbacks: List) -> Tuple[List, List]:
-  """(callbacks for every fit, TensorBoard HParams callbacks).
+  def keep_best(self) -> Optional[str]:
+    """Makes WORKDIR/best/ the workdir of the best completed trial so far
+    (its first execution: the seed best.cfg has) and deletes the models of
+    every other trial; returns the best trial's id, or None."""
+    best = best_trial(self.oracle)
+    for trial_id in self.oracle.trials:
+      for execution in range(self.executions_per_trial):
+        if best is None or (trial_id, execution) != (best.trial_id, 0):
+          files.remove(os.path.join(self.trial_dir(trial_id, execution),
+                                    saved_models.MODEL_FILE))
+    if best is None:
+      return None
+    target = os.path.join(self.config.workdir, BEST_DIR)
+    source = self.trial_dir(best.trial_id)
+    if kept_trial_dir(target) != source:
+      model_path = os.path.join(source, saved_models.MODEL_FILE)
+      if not files.isfile(model_path):
+        print(f"tf_finetune: warning: the best trial's {model_path} is "
+              f"gone; {target} keeps an earlier trial.", file=sys.stderr)
+        return best.trial_id
+      with files.temp_folder(self.config.workdir) as temp:
+        for name in _BEST_FILES:
+          if files.isfile(os.path.join(source, name)):
+            files.write_bytes(os.path.join(temp, name), files.read_bytes(
+                os.path.join(source, name)))
+        files.write_text_atomic(os.path.join(temp, "flags.cfg"),
+                                config_lib.to_flagfile(training_config(
+                                    self.config, best.hyperparameters.values,
+                                    workdir=target, shared_head="")))
+        files.remove_tree(target)
+        files.move_folder_into_place(temp, target)
+    files.remove(os.path.join(source, saved_models.MODEL_FILE))
+    return best.trial_id
 
-  A trial is two fits when stage head trains on cached features, but the
-  HParams callback that `_configure_tensorboard_dir` adds raises "hparams
-  Keras callback cannot be reused across training sessions" at a second
-  `on_train_begin`: it must see the trial once (`once_around_fits`).
-  """
-  per_trial = [c for c in callbacks if isinstance(c, hparams_api.KerasCallback)]
-  return [c for c in callbacks if c not in per_trial], per_trial
+
+def kept_trial_dir(best_dir: str) -> Optional[str]:
+  """The trial workdir WORKDIR/best/ was copied from, or None."""
+  path = os.path.join(best_dir, report.REPORT_FILE)
+  if not files.isfile(path):
+    return None
+  return files.read_json(path)["config"]["workdir"]
 
 
-@contextlib.contextmanager
-def once_around_fits(callbacks: List):
-  """Runs `callbacks`' train begin and end once, around all of a trial's
-  fits. The HParams callback reads no model: it logs the trial's values."""
-  for callback in callbacks:
-    callback.on_train_begin()
-  yield
-  for callback in callbacks:
-    callback.on_train_end()
+def best_trial(oracle):
+  """The best completed trial by the objective, or None."""
+  best = [t for t in oracle.get_best_trials(1) if t.status == "COMPLETED"]
+  return best[0] if best else None
+
+
+def log_hparams(workdir: str, trial_id: str, values: Dict) -> None:
+  """The trial's values for TensorBoard's HParams dashboard, beside the
+  run's own logs (tensorboard --logdir WORKDIR/tuner/trials)."""
+  with tf.summary.create_file_writer(os.path.join(workdir, "logs")).as_default():
+    hparams_api.hparams(values, trial_id=trial_id)
 
 
 def describe_values(values: Dict) -> str:
@@ -292,10 +443,8 @@ def defaults_first(oracle_class):
   """`oracle_class` whose first trial is the flags' own values.
 
   The default recipe is in the search space: trying it first means the
-  search never hands back a best.cfg that scored below it on validation,
-  and a random search of a few trials that never drew near it loses
-  nothing. Hyperband's brackets fill trials their own way and are left as
-  they are.
+  search never hands back a best.cfg that scored below it on validation.
+  Hyperband's brackets fill trials their own way and are left as they are.
   """
   class DefaultsFirst(oracle_class):
     def populate_space(self, trial_id):
@@ -307,12 +456,21 @@ def defaults_first(oracle_class):
   return DefaultsFirst
 
 
+# Random points the Bayesian search draws before its Gaussian process
+# guides it, the defaults (trial 0) among them: KerasTuner's own default
+# (3 per searched flag) would spend a short search on random points only.
+BAYESIAN_INITIAL_POINTS = 3
+
+
 def create_tuner(config: Config, hypermodel: FineTuneHyperModel,
-                 strategy) -> FineTuneTuner:
+                 command: Sequence[str] = TRIAL_COMMAND) -> FineTuneTuner:
   """The tuner of `--tuner`, its state in WORKDIR/tuner/."""
   common = dict(
-      objective=kt.Objective(config.objective, selection.objective_direction(config.objective)),
-      seed=config.seed + 1)  # KerasTuner takes seed 0 for "no seed".
+      objective=kt.Objective(config.objective,
+                             selection.objective_direction(config.objective)),
+      seed=config.seed + 1,  # KerasTuner takes seed 0 for "no seed".
+      # A failed trial does not end the search (its report says why).
+      max_consecutive_failed_trials=math.inf)
   if config.tuner == "hyperband":
     oracle = kt.oracles.HyperbandOracle(
         max_epochs=config.max_epochs or config.total_epochs,
@@ -321,14 +479,13 @@ def create_tuner(config: Config, hypermodel: FineTuneHyperModel,
     oracle.max_trials = config.max_trials
   elif config.tuner == "bayesian":
     oracle = defaults_first(kt.oracles.BayesianOptimizationOracle)(
-        max_trials=config.max_trials, **common)
+        max_trials=config.max_trials,
+        num_initial_points=BAYESIAN_INITIAL_POINTS, **common)
   else:
     oracle = defaults_first(kt.oracles.RandomSearchOracle)(
         max_trials=config.max_trials, **common)
   return FineTuneTuner(
-      oracle, hypermodel,
-      log_dir=os.path.join(config.workdir, PROJECT, "logs"),
-      distribution_strategy=strategy, directory=config.workdir,
+      oracle, hypermodel, command, directory=config.workdir,
       project_name=PROJECT, executions_per_trial=config.executions_per_trial)
 
 
@@ -364,6 +521,7 @@ def prepare_project(config: Config) -> None:
   definition = config_lib.fingerprint(config)
   if config.overwrite_search and files.isdir(project):
     files.remove_tree(project)
+    files.remove_tree(os.path.join(config.workdir, BEST_DIR))
   elif files.isfile(path):
     config_lib.refuse_changed_flags(
         files.read_json(path), definition,
@@ -380,47 +538,70 @@ def prepare_project(config: Config) -> None:
 
 
 def run_search(config: Config,
-               build_fn=model_lib.build_model) -> Optional[Dict]:
-  """`--mode=tune`: searches, writes tuning_report.json and best.cfg and
-  returns the report; None on a worker (the chief writes the results)."""
+               command: Sequence[str] = TRIAL_COMMAND) -> Optional[Dict]:
+  """`--mode=tune`: searches, writes tuning_report.json and best.cfg, keeps
+  and exports the best model; returns the report, None on a worker (the
+  chief writes the results). `command` runs a trial, its flags appended."""
   role = distributed_role()
   check_tuner_available(config.tuner)
+  if config.workdir.startswith("ram://"):
+    raise UserError(f"--workdir={config.workdir!r}: a search runs each trial "
+                    "in a process of its own, which cannot see this "
+                    "process's ram:// files; use a local folder or a store "
+                    "every process reaches (gs://).")
   if role != "worker":  # The chief owns the search state.
     prepare_project(config)
-  strategy = distribute.create_strategy(config.strategy,
-                                        config.virtual_cpu_devices)
   # Bad data fails before any trial; the chief runs none and needs none.
   if role != "chief":
-    data.create_datasets(config)
+    train.check_data(config)
   started = time.perf_counter()
-  # What every trial resolves too (train.set_up_run): recorded once.
-  switches = dataclasses.asdict(speed.resolve_switches(config, strategy))
-  tuner = create_tuner(config, FineTuneHyperModel(config, build_fn), strategy)
-  if role == "chief":
-    # KerasTuner's stop after 3 failed trials in a row, raised in a gRPC
-    # call, kills the worker and stalls the chief (keras-tuner#915).
-    tuner.oracle.max_consecutive_failed_trials = math.inf
+  tuner = create_tuner(config, FineTuneHyperModel(config), command)
   if role != "worker":
     _print_resume_state(tuner.oracle)
   try:
     tuner.search(verbose=2)
   except _UserErrorInTrial as e:
-    raise e.__cause__ from None
-  except RuntimeError as e:
-    if "consecutive failures" not in str(e) or role == "worker":
-      raise
-    result = write_results(config, tuner.oracle,
-                           time.perf_counter() - started, switches)
-    raise UserError(
-        f"The search stopped after {tuner.oracle.max_consecutive_failed_trials}"
-        f" failed trials in a row, the last with: {_last_line(str(e))}. Every "
-        f"trial's outcome is in {result['report_path']}.") from e
-  result = (None if role == "worker" else write_results(
-      config, tuner.oracle, time.perf_counter() - started, switches))
-  if result and result["best_config"] is None:
+    raise UserError(str(e)) from None
+  except _StoppedInTrial as e:
+    raise _preempted(str(e), e.exit_code) from None
+  if role == "worker":
+    return None
+  best = None if role else tuner.keep_best()
+  export_path = best and export_best(
+      training_config(config, tuner.oracle.trials[best].hyperparameters.values,
+                      workdir=os.path.join(config.workdir, BEST_DIR)), command)
+  result = write_results(config, tuner.oracle, time.perf_counter() - started,
+                         export_path)
+  if result["best_config"] is None:
     raise UserError(f"No trial completed, so there is no {BEST_CONFIG_FILE}; "
                     f"each trial's error is in {result['report_path']}.")
   return result
+
+
+def _preempted(message: str, exit_code: int) -> Preempted:
+  error = Preempted(message)
+  error.exit_code = exit_code
+  return error
+
+
+def export_best(best: Config, command: Sequence[str]) -> str:
+  """Exports WORKDIR/best/model.keras (`best`: WORKDIR/best/flags.cfg) with
+  `--mode=export` in a child process, into its export folder (default
+  WORKDIR/best/export/), unless a version is there; returns its path."""
+  export_dir = best.resolved_export_dir
+  versions = sorted(int(v.strip("/")) for v in (
+      files.listdir(export_dir) if files.isdir(export_dir) else ())
+                    if v.strip("/").isdigit())
+  if versions:
+    return os.path.join(export_dir, str(versions[-1]))
+  outcome = run_child(
+      [*command, f"--flagfile={os.path.join(best.workdir, 'flags.cfg')}",
+       "--mode=export"], os.path.join(best.workdir, "export.log"), echo=False)
+  if outcome.returncode != 0:
+    raise UserError(f"Exporting {best.workdir}/{saved_models.MODEL_FILE} failed: "
+                    f"{outcome.reason()}")
+  return [line for line in outcome.output.splitlines()
+          if line.startswith("export: ")][-1][len("export: "):]
 
 
 def _print_resume_state(oracle) -> None:
@@ -432,7 +613,12 @@ def _print_resume_state(oracle) -> None:
 
 def _last_line(text: Optional[str]) -> Optional[str]:
   lines = (text or "").strip().splitlines()
-  return lines[-1][:500] if lines else None
+  if not lines:
+    return None
+  # KerasTuner keeps the traceback; its last line is "module.Class: reason".
+  line = lines[-1]
+  prefix = f"{TrialFailed.__module__}.{TrialFailed.__name__}: "
+  return (line[len(prefix):] if line.startswith(prefix) else line)[:500]
 
 
 def describe_trial(trial, config: Config) -> Dict:
@@ -456,6 +642,7 @@ def describe_trial(trial, config: Config) -> Dict:
                  "finetune": last("finetune_epochs_run")},
       "seconds": (None if seconds is None
                   else seconds * config.executions_per_trial),
+      "peak_rss_mb": last("peak_rss_mb"),
       "metrics": {name: last(name) for name in _METRICS},
       "head_shared": bool(last("head_shared")),
       "error": _last_line(trial.message),
@@ -463,43 +650,53 @@ def describe_trial(trial, config: Config) -> Dict:
 
 
 def write_results(config: Config, oracle, seconds: float,
-                  switches: Optional[Dict] = None) -> Dict:
+                  export_path: Optional[str] = None) -> Dict:
   """Writes tuning_report.json, and best.cfg when a trial completed;
   returns the report (`best_config` None when none did). `seconds`: the
-  search's wall time in this process; `switches`: the speed switches the
-  trials resolved (speed.Switches as a dict)."""
+  search's wall time in this process; `export_path`: the best model's
+  SavedModel version, if any."""
   trials = sorted(oracle.trials.values(), key=lambda t: int(t.trial_id))
-  best = [t for t in oracle.get_best_trials(1) if t.status == "COMPLETED"]
+  best = best_trial(oracle)
   best_path = os.path.join(config.workdir, BEST_CONFIG_FILE)
+  best_dir = os.path.join(config.workdir, BEST_DIR)
+  kept = best and files.isfile(os.path.join(best_dir, saved_models.MODEL_FILE))
   result = {
       "tuner": config.tuner,
       "objective": {"name": config.objective,
                     "direction": selection.objective_direction(config.objective)},
       "search_space": {name: list(bounds) for name, bounds
                        in config.search_ranges().items()},
-      "best_trial": best[0].trial_id if best else None,
+      "best_trial": best.trial_id if best else None,
       "best_config": best_path if best else None,
+      "best_workdir": best_dir if kept else None,
+      "best_export": export_path,
       "seconds": seconds,
-      "speed": switches,
+      "speed": _speed_of(best_dir) if kept else None,
       "shared_stage_head": shares_stage_head(config) and not distributed_role(),
       "trials": [describe_trial(t, config) for t in trials],
   }
   result["report_path"] = os.path.join(config.workdir, REPORT_FILE)
   files.write_json_atomic(result["report_path"], result)
   if best:
-    files.write_text_atomic(best_path, best_flagfile(config, best[0]))
+    files.write_text_atomic(best_path, best_flagfile(config, best))
   return result
 
 
+def _speed_of(workdir: str) -> Dict:
+  """The speed switches a run resolved (report.json), without its memory."""
+  speed = dict(files.read_json(os.path.join(workdir, report.REPORT_FILE))
+               .get("speed") or {})
+  speed.pop("peak_rss_mb", None)
+  return speed
+
+
 def best_flagfile(config: Config, trial) -> str:
-  """best.cfg: the training flags with the best trial's values."""
-  values = trial.hyperparameters.values
-  best = dataclasses.replace(
-      config, mode="train", overwrite_search=False,
-      **{name: values[name] for name in config.search_ranges()},
-      **{f"search_{name}": "" for name in config_lib.SEARCHABLE})
+  """best.cfg: the training flags of the best trial (its values and epochs,
+  its --early_stopping_patience): training it gives WORKDIR/best/'s model."""
+  best = training_config(config, trial.hyperparameters.values)
   header = (f"# Best of the {config.tuner} search in {config.workdir}: trial "
-            f"{trial.trial_id}, {config.objective} {trial.score:.4f}.\n"
+            f"{trial.trial_id}, {config.objective} {trial.score:.4f}; its "
+            f"model is in {os.path.join(config.workdir, BEST_DIR)}.\n"
             f"# Train it: python -m tf_finetune.main --flagfile="
             f"{os.path.join(config.workdir, BEST_CONFIG_FILE)}\n")
   return header + config_lib.to_flagfile(best)
@@ -509,7 +706,7 @@ def format_summary(result: Dict) -> str:
   """The table printed at the end of a search, best trial marked '*'."""
   names = list(result["search_space"])
   objective = result["objective"]["name"]
-  header = ["trial", "status", *names, "epochs", "seconds", objective]
+  header = ["trial", "status", *names, "epochs", "seconds", "MB", objective]
   rows = [header]
   for trial in result["trials"]:
     values = trial["hyperparameters"]
@@ -520,11 +717,13 @@ def format_summary(result: Dict) -> str:
         *(_format(values.get(name)) for name in names),
         f"{_format(run)}/{trial['epochs']['budget']}",
         _format(trial["seconds"], "{:.0f}"),
+        _format(trial["peak_rss_mb"], "{:.0f}"),
         _format(trial["score"], "{:.4f}")])
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths))
            .rstrip() for row in rows]
-  lines.append("* best trial; epochs: run/budget; seconds: all executions")
+  lines.append("* best trial; epochs: run/budget; seconds: all executions; "
+               "MB: peak memory of a trial's process")
   return "\n".join(lines)
 
 

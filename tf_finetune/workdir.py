@@ -14,8 +14,9 @@ from absl import logging
 from tf_finetune import config as config_lib
 from tf_finetune import files
 from tf_finetune.checkpoints import (TrainingState, checkpoint_dir,
-                                     read_state, remove_checkpoints)
-from tf_finetune.config import Config
+                                     copy_checkpoint, read_state,
+                                     remove_checkpoints)
+from tf_finetune.config import Config, UserError
 
 
 def check_workdir(config: Config) -> Optional[TrainingState]:
@@ -46,3 +47,39 @@ def prepare_workdir(config: Config) -> Optional[TrainingState]:
     logging.info("--fresh: deleting %s", checkpoint_dir(config.workdir))
     remove_checkpoints(config.workdir)
   return check_workdir(config)
+
+
+def adopt_shared_head(config: Config) -> Optional[TrainingState]:
+  """With --shared_head, copies the stage-head checkpoint there into
+  WORKDIR/checkpoints as this run's own, so the run resumes from it (stage
+  finetune writes only into WORKDIR); None when there is none yet (this
+  run trains stage head and writes it there).
+
+  Raises:
+    UserError: the checkpoint there is not at stage head's end, or its run
+      differs from this one in a setting stage head depends on.
+  """
+  state = read_state(config.shared_head)
+  if state is None:
+    return None
+  holder = f"--shared_head={config.shared_head!r} holds"
+  config_lib.refuse_changed_flags(
+      head_settings(state.fingerprint),
+      head_settings(config_lib.fingerprint(config)),
+      holder=f"{holder} the stage head of a run with other settings",
+      remedy="Point --shared_head at a folder of its own.")
+  if (state.epoch, state.step) != (config.head_epochs, 0):
+    raise UserError(f"{holder} a checkpoint at epoch {state.epoch}, step "
+                    f"{state.step}, not at stage head's end (epoch "
+                    f"{config.head_epochs}); point --shared_head at a folder "
+                    "of its own.")
+  logging.info("Starting stage finetune from the stage head in %s.",
+               config.shared_head)
+  return copy_checkpoint(config.shared_head, config.workdir, state,
+                         config_lib.fingerprint(config))
+
+
+def head_settings(fingerprint) -> dict:
+  """The part of a run's fingerprint stage head depends on."""
+  return {name: value for name, value in fingerprint.items()
+          if name not in config_lib.FINETUNE_SETTINGS}

@@ -35,7 +35,7 @@ process:
   defaults  `python -m tf_finetune.main` with every flag at its default but
             --dataset, --weights, --image_size and --workdir.
   tune      `--mode=tune` with the same flags (the package's own search
-            space), then training with the best.cfg it writes.
+            space and tuner); the model it keeps (WORKDIR/best/).
 
 Seconds are wall clock of the recipe's processes, start to exit: Python and
 TensorFlow start-up, data loading, model build, training, evaluation (and
@@ -756,10 +756,10 @@ def run_package(name: str, task_dir: str, run_dir: str, weights: str,
 
 def run_tune(task_dir: str, run_dir: str, weights: str,
              package_flags: str) -> Dict:
-  """`--mode=tune` with the package's own search space, then training with
-  its best.cfg in a new workdir; seconds are both runs'."""
+  """`--mode=tune` with the package's own search space and tuner; the
+  search keeps its best trial's model in WORKDIR/best/ (a training workdir),
+  whose report gives the accuracies: no retraining."""
   search_dir = fresh_dir(os.path.join(run_dir, "tune_search"))
-  train_dir = fresh_dir(os.path.join(run_dir, "tune_train"))
   search_log = os.path.join(run_dir, "tune_search.log")
   error, search_seconds = run_logged(
       package_command(*required_package_flags(task_dir, weights,
@@ -775,17 +775,11 @@ def run_tune(task_dir: str, run_dir: str, weights: str,
                if t["trial_id"] == tuning["best_trial"]), {})
   row.update(search_space=tuning["search_space"],
              trials=len(tuning["trials"]),
-             best_hyperparameters=best.get("hyperparameters"))
-  train_log = os.path.join(run_dir, "tune_train.log")
-  # --workdir after --flagfile: absl reads flags in order, the last wins.
-  error, train_seconds = run_logged(
-      package_command(f"--flagfile={os.path.join(search_dir, 'best.cfg')}",
-                      f"--workdir={train_dir}"), train_log)
-  row.update(seconds=search_seconds + train_seconds,
-             train_seconds=train_seconds, log=train_log,
-             error=error and f"best.cfg training: {error}")
-  if error is None:
-    row.update(read_report(train_dir))
+             best_hyperparameters=best.get("hyperparameters"),
+             peak_rss_mb=[t["peak_rss_mb"] for t in tuning["trials"]])
+  row.update(read_report(os.path.join(search_dir, "best")))
+  # The search's wall time, not the kept trial's own.
+  row["package_seconds"] = search_seconds
   return row
 
 
@@ -953,7 +947,8 @@ def row_note(recipe: str, row: Dict) -> str:
   if recipe == "tune":
     return (f"{row['trials']} trials over {row['search_space']}, best "
             f"{row['best_hyperparameters']}; search {row['search_seconds']:.0f}"
-            f" s + training {row['train_seconds']:.0f} s")
+            f" s, trial peak RSS up to "
+            f"{max(filter(None, row['peak_rss_mb']), default=0):.0f} MB")
   if recipe in ("head", "defaults"):
     return f"stage 1 on {row.get('stage1_mode')}"
   return ""
