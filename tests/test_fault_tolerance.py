@@ -266,7 +266,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_naming_stage_epoch_step_and_keeps_checkpoint(tmp_path):
   # A huge learning rate makes the finetune stage diverge.
   config = tiny_config(tmp_path, finetune_learning_rate=1e38)
-  with pytest.raises(checkpoints.TrainingDiverged) as raised:
+  with pytest.raises(config_lib.TrainingDiverged) as raised:
     run_tiny(config)
   message = str(raised.value)
   assert "stage 'finetune', epoch 2/3, step " in message
@@ -835,7 +835,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
         kernel.assign(np.full(kernel.shape, np.inf, "float32"))
 
   config = tiny_config(tmp_path, save_every_steps=0)
-  with pytest.raises(checkpoints.TrainingDiverged) as raised:
+  with pytest.raises(config_lib.TrainingDiverged) as raised:
     run_tiny(config, [PoisonAt()])
   assert ("(classifier/kernel) in stage 'finetune', after epoch 2/3. The last "
           "checkpoint, written before that (after epoch 1/3)") in str(

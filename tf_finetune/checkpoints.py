@@ -40,8 +40,7 @@ class TrainingState:
       has none: its run is then not recognised by its export.
     best: the best epoch so far (`selection.BestWeights.state`), or None.
     best_file: the file of its weights inside the checkpoint folder.
-    seed_states: `model.seed_states(model)` when saved; None in pointers written
-      before they were kept.
+    seed_states: `model.seed_states(model)` when saved; None in older pointers.
   """
   epoch: int
   step: int
@@ -198,8 +197,7 @@ class Checkpointer(keras.callbacks.Callback):
   Ctrl-C while waiting for that raises KeyboardInterrupt at once, keeping
   the checkpoint before.
 
-  Every checkpoint carries the run id (`read_run_id`): a new one for a run
-  started from scratch, the resumed checkpoint's otherwise.
+  Every checkpoint carries the run id (`read_run_id`), kept on resume.
 
   Args:
     workdir: the run's WORKDIR.
