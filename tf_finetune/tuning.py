@@ -1,4 +1,4 @@
-"""Search stage (`--mode=tune`): KerasTuner over the flags of a training run.
+"""The search (`--mode=tune`): KerasTuner over the flags of a training run.
 
 Each trial is `--mode=train` in a child process (`python -m
 tf_finetune.main --flagfile=WORKDIR/tuner/trials/<id>/flags.cfg`), so a
