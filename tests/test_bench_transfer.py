@@ -239,23 +239,36 @@ def test_summary_lines_are_means_over_draws_on_the_split_asked():
   assert bench.summary_lines(results, "val") == [
       "far_defaults_vs_seed: +20.0", "near_defaults_vs_seed: +2.0",
       "far_head_vs_probe: +5.0", "near_head_vs_probe: n/a",
+      "far_tune_vs_defaults: n/a", "near_tune_vs_defaults: n/a",
       "far_defaults_vs_probe: +8.0", "near_defaults_vs_probe: +3.0",
       "far_tuned: n/a"]
   assert bench.summary_lines(results, "test", suffix="_test") == [
       "far_defaults_vs_seed_test: +11.0", "near_defaults_vs_seed_test: +2.0",
       "far_head_vs_probe_test: +2.0", "near_head_vs_probe_test: n/a",
+      "far_tune_vs_defaults_test: n/a", "near_tune_vs_defaults_test: n/a",
       "far_defaults_vs_probe_test: +4.0", "near_defaults_vs_probe_test: +0.0",
       "far_tuned_test: n/a"]
   assert bench.seconds_lines(results) == [
       "far_defaults_seconds_vs_seed: 0.50",
-      "near_defaults_seconds_vs_seed: 0.75"]
+      "near_defaults_seconds_vs_seed: 0.75",
+      "far_tune_seconds_vs_defaults: n/a",
+      "near_tune_seconds_vs_defaults: n/a"]
 
 
 def test_a_recipe_that_succeeded_on_every_draw_has_a_tuned_line():
-  results = {"far": {"tune": _rows([0.81, 0.83, 0.85], [0.70, 0.71, 0.72])}}
+  results = {"far": {"tune": _rows([0.81, 0.83, 0.85], [0.70, 0.71, 0.72],
+                                   [400.0, 300.0, 500.0]),
+                     "defaults": _rows([0.80, 0.83, 0.83], [0.71, 0.71, 0.70],
+                                       [100.0, 100.0, 100.0])}}
   assert bench.summary_lines(results, "val")[-1] == "far_tuned: 83.0"
   assert bench.summary_lines(results, "test", "_test")[-1] == (
       "far_tuned_test: 71.0")
+  # The search against the defaults it starts from: per-draw differences
+  # of accuracy, mean seconds over mean seconds.
+  assert "far_tune_vs_defaults: +1.0" in bench.summary_lines(results, "val")
+  assert "far_tune_vs_defaults_test: +0.3" in bench.summary_lines(
+      results, "test", "_test")
+  assert "far_tune_seconds_vs_defaults: 4.00" in bench.seconds_lines(results)
 
 
 def test_decision_table_is_on_its_split_and_counts_failed_draws():

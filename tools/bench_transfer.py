@@ -51,9 +51,10 @@ choice to the test images).
   python tools/bench_transfer.py --workdir=/tmp/transfer \\
       --backbone_weights=PATH/fm59_resnet50.weights.h5
 
-After the decision table: `TASK_defaults_seconds_vs_seed: R` (mean seconds
-of defaults / seed on that task), then `TASK_defaults_vs_seed: +P`,
-`TASK_head_vs_probe: +P`, `TASK_defaults_vs_probe: +P` and `far_tuned: A`
+After the decision table: `TASK_defaults_seconds_vs_seed: R` and
+`TASK_tune_seconds_vs_defaults: R` (mean seconds of one recipe / the other
+on that task), then `TASK_defaults_vs_seed: +P`, `TASK_head_vs_probe: +P`,
+`TASK_tune_vs_defaults: +P`, `TASK_defaults_vs_probe: +P` and `far_tuned: A`
 (% of the tuned recipe), all on the decision split; points are accuracy
 points, the mean over draws of the per-draw differences, "n/a" unless both
 recipes succeeded on every draw. Then the test table and the same accuracy
@@ -916,6 +917,7 @@ def summary_lines(results: Dict, split: str, suffix: str = "") -> List[str]:
   lines = []
   for name, recipe, baseline in (("defaults_vs_seed", "defaults", "seed"),
                                  ("head_vs_probe", "head", "probe"),
+                                 ("tune_vs_defaults", "tune", "defaults"),
                                  ("defaults_vs_probe", "defaults", "probe")):
     lines += [f"{task}_{name}{suffix}: " + format_points(
         points_over(results, task, recipe, baseline, split))
@@ -928,12 +930,14 @@ def summary_lines(results: Dict, split: str, suffix: str = "") -> List[str]:
 
 
 def seconds_lines(results: Dict) -> List[str]:
-  """`TASK_defaults_seconds_vs_seed: R` per task."""
+  """`TASK_defaults_seconds_vs_seed: R` and `TASK_tune_seconds_vs_defaults:
+  R` per task."""
   lines = []
-  for task in tasks_in_order(results):
-    ratio = seconds_ratio(results, task, "defaults", "seed")
-    lines.append(f"{task}_defaults_seconds_vs_seed: "
-                 + ("n/a" if ratio is None else f"{ratio:.2f}"))
+  for recipe, baseline in (("defaults", "seed"), ("tune", "defaults")):
+    for task in tasks_in_order(results):
+      ratio = seconds_ratio(results, task, recipe, baseline)
+      lines.append(f"{task}_{recipe}_seconds_vs_{baseline}: "
+                   + ("n/a" if ratio is None else f"{ratio:.2f}"))
   return lines
 
 
