@@ -79,10 +79,13 @@ def tiny_datasets():
 
 
 def tiny_config(workdir, **overrides):
+  """A Config for the tiny model; every epoch's end checkpoints (the tests
+  that pin the interval set `save_interval_seconds`)."""
   values = dict(workdir=str(workdir), weights="none", head_epochs=1,
                 finetune_epochs=2, finetune_min_steps=0,
-                head_learning_rate=1e-2, finetune_learning_rate=1e-3, unfreeze_blocks=1,
-                batch_size=TINY_BATCH, save_every_steps=1)
+                head_learning_rate=1e-2, finetune_learning_rate=1e-3,
+                unfreeze_blocks=1, batch_size=TINY_BATCH, save_every_steps=1,
+                save_interval_seconds=0)
   values.update(overrides)
   return config_lib.Config(**values).validate()
 
@@ -248,6 +251,98 @@ def test_resume_after_the_last_epoch_trains_nothing(tmp_path, uninterrupted):
       1, 2]
   for expected, actual in zip(uninterrupted[0], model.weights):
     np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+class FakeClock:
+  """Stands in for the `time` module in checkpoints.py: `seconds` pass at
+  every epoch's end (`Tick`, which runs before the checkpointer)."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def monotonic(self):
+    return self.now
+
+
+class Tick(keras.callbacks.Callback):
+  def __init__(self, clock, seconds):
+    super().__init__()
+    self.clock, self.seconds = clock, seconds
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.clock.now += self.seconds
+
+
+@pytest.fixture
+def clocked_saves(monkeypatch):
+  """(a fake clock for checkpoints.py, the (epoch, step) of every checkpoint
+  the runs write, in order)."""
+  clock = FakeClock()
+  monkeypatch.setattr(checkpoints, "time", clock)
+  saved = []
+  original = checkpoints.Checkpointer.save
+
+  def save(self, epoch, step):
+    saved.append((epoch, step))
+    original(self, epoch, step)
+  monkeypatch.setattr(checkpoints.Checkpointer, "save", save)
+  return clock, saved
+
+
+def interval_config(workdir, **overrides):
+  """A tiny run whose epoch ends checkpoint once 60 s have passed."""
+  return tiny_config(workdir, **{"save_every_steps": 0,
+                                 "save_interval_seconds": 60,
+                                 "cache_features": False, **overrides})
+
+
+def test_epoch_ends_checkpoint_once_the_interval_passed(tmp_path,
+                                                        clocked_saves):
+  clock, saved = clocked_saves
+  config = interval_config(tmp_path / "straight", finetune_epochs=6)
+  straight, _ = run_tiny(config, [Tick(clock, 25)])
+  # 25 s an epoch: stage head's only epoch (a stage end), then the first
+  # epoch 60 s after that save (75 s), then the run's last epoch.
+  assert saved == [(1, 0), (4, 0), (7, 0)]
+
+  # A crash in epoch 6 resumes from the end of epoch 4 and ends where the
+  # uninterrupted run ends.
+  saved.clear()
+  config = dataclasses.replace(config, workdir=str(tmp_path / "crashed"))
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run_tiny(config, [Tick(clock, 25), CrashAt(epoch=5, step=0)])
+  assert saved == [(1, 0), (4, 0)]
+  state = workdir_lib.check_workdir(config)
+  assert (state.epoch, state.step) == (4, 0)
+  resumed, _ = run_tiny(config, [Tick(clock, 25)], resume=state)
+  for expected, actual in zip(straight.weights, resumed.weights):
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_an_early_stop_between_checkpoints_saves_its_last_epoch(
+    tmp_path, clocked_saves):
+  clock, saved = clocked_saves
+
+  class StopAfterEpoch3(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+      self.model.stop_training = epoch == 2
+
+  config = interval_config(tmp_path, finetune_epochs=6)
+  run_tiny(config, [Tick(clock, 25), StopAfterEpoch3()])
+  # Epoch 3 ends 50 s after the last save: the end of the fit saves it.
+  assert saved == [(1, 0), (3, 0)]
+  assert workdir_lib.check_workdir(config).epoch == 3
+
+
+def test_step_checkpoints_include_the_last_step_of_an_epoch(
+    tmp_path, clocked_saves):
+  _, saved = clocked_saves
+  # Every 2 steps of 4 an epoch: steps 2 and 4 of each epoch, the 4th at
+  # the epoch's end (after validation), though the interval never passes.
+  run_tiny(interval_config(tmp_path, finetune_epochs=3, save_every_steps=2))
+  assert saved == [(e, 2) if i % 2 == 0 else (e + 1, 0)
+                   for e in range(4) for i in range(2)]
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):

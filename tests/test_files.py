@@ -106,6 +106,19 @@ def test_atomic_output_that_fails_leaves_the_old_file(folder):
   assert not os.path.exists(temp)
 
 
+def test_copy_replaces_the_target_whole_or_not_at_all(folder):
+  source, target = f"{folder}/a/model.keras", f"{folder}/b/model.keras"
+  data = os.urandom(3 << 20)  # Larger than gfile's copy buffer.
+  files.write_bytes_atomic(source, data)
+  files.write_bytes_atomic(target, b"old")
+  files.copy_atomic(source, target)
+  assert files.read_bytes(target) == data
+  with pytest.raises(tf.errors.NotFoundError):
+    files.copy_atomic(f"{folder}/a/missing.keras", target)
+  assert files.read_bytes(target) == data
+  assert temp_files(f"{folder}/b") == []
+
+
 def test_folder_moves_into_place_whole_and_never_over_another(folder):
   with files.temp_folder(folder) as staging:
     files.makedirs(f"{staging}/assets")

@@ -6,6 +6,7 @@ Design notes: ARCHITECTURE.md, "Module notes", `checkpoints.py`.
 import dataclasses
 import os
 import signal
+import time
 import uuid
 from typing import Dict, List, Optional, Sequence
 
@@ -108,8 +109,8 @@ def copy_checkpoint(source: str, workdir: str, state: TrainingState,
   folder = checkpoint_dir(workdir)
   files.makedirs(folder)
   for name in filter(None, (state.file, state.best_file)):
-    files.write_bytes_atomic(os.path.join(folder, name), files.read_bytes(
-        os.path.join(checkpoint_dir(source), name)))
+    files.copy_atomic(os.path.join(checkpoint_dir(source), name),
+                      os.path.join(folder, name))
   copied = dataclasses.replace(state, fingerprint=fingerprint,
                                run_id=uuid.uuid4().hex)
   write_pointer(folder, copied)  # Last: it names complete files only.
@@ -184,9 +185,14 @@ def describe_position(epoch: int, step: int, total_epochs: int) -> str:
 class Checkpointer(keras.callbacks.Callback):
   """Saves the training state; stops on a non-finite loss, SIGTERM, SIGINT.
 
-  A checkpoint is written at the end of every epoch and, with
-  `save_every_steps=N`, after every N-th training step (counted over the
-  whole run). Before each save the loss is checked: a NaN or infinite loss
+  A checkpoint is written at the end of an epoch when
+  `save_interval_seconds` have passed since the last one (always at the end
+  of a stage and of a fit), and, with `save_every_steps=N`, after every
+  N-th training step (counted over the whole run). On small data an epoch
+  takes a second or two and writing ResNet50 with Adam's moments about as
+  long, so a checkpoint per epoch would double stage finetune; by time, a
+  hard kill loses at most that interval (TF Estimator's
+  `save_checkpoints_secs` does the same). Before each save the loss is checked: a NaN or infinite loss
   raises `TrainingDiverged` naming stage, epoch and step, so the last
   checkpoint, written before it, stays the newest. A checkpoint is never
   written with non-finite weights either.
@@ -201,7 +207,8 @@ class Checkpointer(keras.callbacks.Callback):
 
   Args:
     workdir: the run's WORKDIR.
-    config: the run's Config (for the fingerprint and save_every_steps).
+    config: the run's Config (for the fingerprint, save_every_steps and
+      save_interval_seconds).
     stage_callback: whose records go into each checkpoint.
     steps_per_epoch: training batches per epoch.
     resume: the checkpoint's state being resumed from, or None.
@@ -221,6 +228,11 @@ class Checkpointer(keras.callbacks.Callback):
                model: Optional[keras.Model] = None,
                unsaved_epochs: Sequence[int] = (), best=None):
     super().__init__()
+    self.save_interval_seconds = config.save_interval_seconds
+    self._last_save = time.monotonic()
+    # The last epoch whose end was not saved because the interval had not
+    # passed; saved when the fit ends (an early stop, a segment's end).
+    self._unsaved_end: Optional[int] = None
     self._saved_model = model
     self.best = best
     self._best_file = resume.best_file if resume else None
@@ -268,10 +280,24 @@ class Checkpointer(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     stopping = self.stop_signal is not None
-    if stopping or epoch not in self.unsaved_epochs:
+    if stopping or (epoch not in self.unsaved_epochs and self._due(epoch)):
       self.save(epoch + 1, 0)
+    elif epoch not in self.unsaved_epochs:
+      self._unsaved_end = epoch
     if stopping:
       self._raise_stopped(epoch + 1, 0)
+
+  def on_train_end(self, logs=None):
+    if self._unsaved_end is not None:
+      self.save(self._unsaved_end + 1, 0)
+
+  def _due(self, epoch: int) -> bool:
+    """Whether the end of `epoch` is checkpointed (class docstring)."""
+    every = self.save_every_steps
+    if every and (epoch + 1) * self.steps_per_epoch % every == 0:
+      return True  # The step save of the epoch's last step, after validation.
+    return (not self.save_interval_seconds or self.plan.ends_stage(epoch)
+            or time.monotonic() - self._last_save >= self.save_interval_seconds)
 
   def save(self, epoch: int, step: int) -> None:
     """Writes the weights file, then the pointer naming it, then deletes
@@ -292,6 +318,7 @@ class Checkpointer(keras.callbacks.Callback):
         seed_states=model_lib.seed_states(self.model))
     write_pointer(self.folder, state)
     self._remove_other_files(name, self._best_file)
+    self._last_save, self._unsaved_end = time.monotonic(), None
 
   def _save_best(self, epoch: int, step: int) -> None:
     """Writes the best epoch's weights when they changed since the last

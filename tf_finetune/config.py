@@ -205,6 +205,11 @@ class Config:
   save_every_steps: int = setting(
       0, "Also checkpoint every N training steps (0: at the end of each "
       "epoch only).", resumable=True)
+  save_interval_seconds: int = setting(
+      60, "An epoch's end writes a checkpoint only when this many seconds "
+      "passed since the last one (0: at every epoch's end). The end of each "
+      "stage and of the run, a stop signal and --save_every_steps always "
+      "checkpoint.", resumable=True)
   fresh: bool = setting(
       False, "Delete WORKDIR/checkpoints and train from the start instead of "
       "resuming.", resumable=True, recorded=False)
@@ -369,6 +374,9 @@ class Config:
     _check(self.save_every_steps >= 0,
            f"--save_every_steps={self.save_every_steps}: must be >= 0 "
            "(0: a checkpoint at the end of every epoch only).")
+    _check(self.save_interval_seconds >= 0,
+           f"--save_interval_seconds={self.save_interval_seconds}: must be "
+           ">= 0 (0: a checkpoint at the end of every epoch).")
     _check(not self.fresh or self.mode == "train",
            f"--fresh: only applies to --mode=train, not --mode={self.mode}.")
     _check(not self.shared_head or self.head_epochs > 0,

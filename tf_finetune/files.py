@@ -100,6 +100,15 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     _write_remote_atomic(path, data)
 
 
+def copy_atomic(source: str, target: str) -> None:
+  """Replaces `target` with a copy of file `source`, all or nothing
+  (`atomic_output`). The bytes stream through TensorFlow's file system, so
+  a model file (hundreds of MB with its optimizer) never sits whole in this
+  process's memory."""
+  with atomic_output(target) as temp:
+    tf.io.gfile.copy(source, temp, overwrite=True)
+
+
 def write_text_atomic(path: str, text: str) -> None:
   """`write_bytes_atomic` of `text` in UTF-8."""
   write_bytes_atomic(path, text.encode("utf-8"))

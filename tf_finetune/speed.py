@@ -163,8 +163,10 @@ def dtype_policy(name: str) -> Iterator[None]:
     keras.mixed_precision.set_global_policy(previous)
 
 
-def peak_rss_mb() -> float:
-  """Peak resident memory of this process so far, in MiB."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(usage=None) -> float:
+  """Peak resident memory in MiB: of `usage` (a `resource.struct_rusage`,
+  e.g. a child's from `os.wait4`), else of this process so far."""
+  if usage is None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
   # Linux reports KiB, macOS bytes.
-  return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+  return usage.ru_maxrss / ((1 << 20) if sys.platform == "darwin" else 1024)

@@ -25,7 +25,8 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 import tf_finetune
-from tf_finetune import checkpoints, files, report, saved_models, selection, train
+from tf_finetune import (checkpoints, files, report, saved_models, selection,
+                         speed, train)
 from tf_finetune import config as config_lib
 from tf_finetune.config import Config, Preempted, UserError
 
@@ -226,9 +227,7 @@ def run_child(command: Sequence[str], log_path: str,
       process.wait()
   output = "".join(lines)
   files.write_text_atomic(log_path, output)
-  # Linux reports KiB, macOS bytes.
-  peak = usage.ru_maxrss / ((1 << 20) if sys.platform == "darwin" else 1024)
-  return ChildOutcome(process.returncode, output, peak,
+  return ChildOutcome(process.returncode, output, speed.peak_rss_mb(usage),
                       time.perf_counter() - started, bool(stopped))
 
 
@@ -353,6 +352,9 @@ class FineTuneTuner(kt.Tuner):
           name: hp.values[name] for name in self.config.search_ranges()})
       outcome = run_child([*self.command, f"--flagfile={flagfile}"],
                           os.path.join(config.workdir, TRIAL_LOG))
+      # The search process's own high-water mark: flat from trial to trial
+      # unless the search itself accumulates.
+      trial.metrics.update("search_peak_rss_mb", speed.peak_rss_mb())
       try:
         result = trial_results(config, outcome)
       except TrialFailed:
@@ -399,8 +401,8 @@ class FineTuneTuner(kt.Tuner):
       with files.temp_folder(self.config.workdir) as temp:
         for name in _BEST_FILES:
           if files.isfile(os.path.join(source, name)):
-            files.write_bytes(os.path.join(temp, name), files.read_bytes(
-                os.path.join(source, name)))
+            files.copy_atomic(os.path.join(source, name),
+                              os.path.join(temp, name))
         files.write_text_atomic(os.path.join(temp, "flags.cfg"),
                                 config_lib.to_flagfile(training_config(
                                     self.config, best.hyperparameters.values,
@@ -643,6 +645,7 @@ def describe_trial(trial, config: Config) -> Dict:
       "seconds": (None if seconds is None
                   else seconds * config.executions_per_trial),
       "peak_rss_mb": last("peak_rss_mb"),
+      "search_peak_rss_mb": last("search_peak_rss_mb"),
       "metrics": {name: last(name) for name in _METRICS},
       "head_shared": bool(last("head_shared")),
       "error": _last_line(trial.message),
@@ -684,10 +687,10 @@ def write_results(config: Config, oracle, seconds: float,
 
 def _speed_of(workdir: str) -> Dict:
   """The speed switches a run resolved (report.json), without its memory."""
-  speed = dict(files.read_json(os.path.join(workdir, report.REPORT_FILE))
-               .get("speed") or {})
-  speed.pop("peak_rss_mb", None)
-  return speed
+  switches = dict(files.read_json(os.path.join(workdir, report.REPORT_FILE))
+                  .get("speed") or {})
+  switches.pop("peak_rss_mb", None)
+  return switches
 
 
 def best_flagfile(config: Config, trial) -> str:
