@@ -6,7 +6,8 @@ per stage, unfreeze depth 0-1 so that the trainable step traces fast) run
 through the command line once and many assertions share them. The others
 run their trials with `TRIAL_COMMAND`: the package's command line with a
 tiny stand-in for `model.build_model` and the faults the environment asks
-for (tests/tuning_stand_ins.py).
+for (tests/tuning_stand_ins.py). Every trial costs a process start, so a
+search that several tests only read is a module fixture.
 """
 
 import dataclasses
