@@ -6,7 +6,8 @@ per stage, unfreeze depth 0-1 so that the trainable step traces fast) run
 through the command line once and many assertions share them. The others
 run their trials with `TRIAL_COMMAND`: the package's command line with a
 tiny stand-in for `model.build_model` and the faults the environment asks
-for (tests/tuning_stand_ins.py).
+for (tests/tuning_stand_ins.py). Every trial costs a process start, so a
+search that several tests only read is a module fixture.
 """
 
 import dataclasses
@@ -33,16 +34,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = {"unfreeze_blocks": (0, 1), "finetune_learning_rate": (1e-4, 1e-2)}
 SPACE_FLAGS = ("--search_unfreeze_blocks=0:1",
                "--search_finetune_learning_rate=1e-4:1e-2")
-# A search through the command line: the tests using it are `slow`
+# Searches that several tests share: the tests using them are `slow`
 # (conftest.py).
-SLOW_FIXTURES = {"random_search"}
+SLOW_FIXTURES = {"random_search", "bayesian_search",
+                 "early_stopped_search"}
 # A trial's process here: `python -m tf_finetune.main` with the stand-in
 # model, and the faults of TEST_FAIL_TRIALS (the build raises), TEST_NAN_TRIALS
-# (NaN weights in stage finetune) and TEST_BUILD (another builder).
-# tuning_stand_ins imports neither tf_finetune.train nor tuning, so train,
-# imported after the swap, builds with the stand-in.
+# (NaN weights in stage finetune), TEST_BUILD (another builder) and
+# TEST_CRASH (every trial raises crashing_build's error as it starts). The
+# search sees only a trial's exit code and last line, so TEST_CRASH fails a
+# trial before its seconds of TensorFlow start-up, for the searches whose
+# trials all fail. tuning_stand_ins imports neither tf_finetune.train nor
+# tuning, so train, imported after the swap, builds with the stand-in.
 TRIAL_COMMAND = (sys.executable, "-c", f"""
-import sys
+import os, sys
+if os.environ.get("TEST_CRASH"):
+  raise RuntimeError("out of memory, say")
 sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
 import tuning_stand_ins
 from tf_finetune import model
@@ -79,12 +86,18 @@ def data_flags(images, workdir):
 
 
 def make_config(images, workdir, **overrides):
-  """The Config of `data_flags` plus a small search, for in-process runs."""
+  """The Config of `data_flags` plus a small search, for in-process runs.
+
+  No linear probe: stage head trains by gradient steps alone, seconds less
+  in every trial that trains one. The searches here pin what the tuner does
+  with the trials; the probe has tests of its own (test_probe.py), and the
+  command-line search (`random_search`) trials with it.
+  """
   values = dict(
       workdir=str(workdir), mode="tune", dataset=f"folder:{images}",
       image_size=32, batch_size=8, val_fraction=0.34, test_fraction=0.0,
       weights="none", head_epochs=1, finetune_epochs=1, finetune_min_steps=0,
-      augment=("flip",),
+      probe_head=False, augment=("flip",),
       search_unfreeze_blocks="0:1", search_finetune_learning_rate="1e-4:1e-2",
       tuner="random", max_trials=2)
   values.update(overrides)
@@ -253,31 +266,41 @@ def test_hyperband_honours_budgets_across_both_stages(images, tmp_path):
   assert (best["head_epochs"], best["finetune_epochs"]) == (1, 1)
 
 
-@pytest.mark.slow
-def test_bayesian_search_runs(images, tmp_path):
-  pytest.importorskip("scipy", reason="keras-tuner[bayesian] not installed")
-  pytest.importorskip("sklearn", reason="keras-tuner[bayesian] not installed")
-  report = tiny_search(make_config(images, tmp_path, tuner="bayesian"))
-  assert_trials_inside_the_space(report)
-
-
 # ------------------------------------------- a trial is a training run
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def bayesian_search(images, tmp_path_factory):
+  """A 3-trial Bayesian search of the stand-in whose trials share a stage
+  head of 2 epochs. Returns its workdir (a pathlib.Path) and report.
+
+  Sharing the head is the tuner's work, whichever oracle draws the trials,
+  so one search serves the Bayesian oracle's test and the shared head's.
+  --save_every_steps=1: every trial checkpoints at every step, in its own
+  workdir only.
+  """
+  workdir = tmp_path_factory.mktemp("bayesian") / "search"
+  report = tiny_search(make_config(images, workdir, tuner="bayesian",
+                                   max_trials=3, head_epochs=2,
+                                   save_every_steps=1))
+  return workdir, report
+
+
+def test_bayesian_search_runs(bayesian_search):
+  workdir, report = bayesian_search
+  assert read_json(workdir / "tuner" / "search.json")["tuner"] == "bayesian"
+  assert_trials_inside_the_space(report, count=3)
+
+
 def test_trials_share_a_stage_head_and_the_search_keeps_its_best_model(
-    images, tmp_path):
-  # --save_every_steps=1: every trial checkpoints at every step, in its own
-  # workdir only.
-  config = make_config(images, tmp_path / "search", max_trials=3,
-                       head_epochs=2, save_every_steps=1)
-  report = tiny_search(config)
+    bayesian_search, tmp_path):
+  search, report = bayesian_search
   assert report["shared_stage_head"] is True and report["seconds"] > 0
   assert [t["head_shared"] for t in report["trials"]] == [False, True, True]
   # The first trial is the flags' own recipe (clipped into the space).
   assert report["trials"][0]["hyperparameters"] == {
       "unfreeze_blocks": 1, "finetune_learning_rate": 1e-4}
-  project = tmp_path / "search" / "tuner"
+  project = search / "tuner"
   for trial in report["trials"]:
     assert trial["epochs"] == {"budget": 3, "run": 3, "head": 2,
                                "finetune": 1}
@@ -291,7 +314,7 @@ def test_trials_share_a_stage_head_and_the_search_keeps_its_best_model(
                      "checkpoints" / "checkpoint.json")
   assert (shared["epoch"], shared["step"], shared["stage"]) == (2, 0, "head")
   # One model on disk: the best trial's, in best/; every trial's report.
-  best = tmp_path / "search" / "best"
+  best = search / "best"
   assert report["best_workdir"] == str(best)
   assert sorted(os.listdir(best)) == ["curves.png", "export", "export.log",
                                       "flags.cfg", "model.keras",
@@ -304,7 +327,7 @@ def test_trials_share_a_stage_head_and_the_search_keeps_its_best_model(
     assert not (folder / "checkpoints").exists()
   # Training best.cfg (another workdir) gives the kept model.
   trained = subprocess.run(
-      [*TRIAL_COMMAND, f"--flagfile={tmp_path}/search/best.cfg",
+      [*TRIAL_COMMAND, f"--flagfile={search}/best.cfg",
        f"--workdir={tmp_path}/trained"], capture_output=True, text=True,
       timeout=600)
   assert trained.returncode == 0, trained.stderr[-3000:]
@@ -358,7 +381,7 @@ def test_bad_input_inside_a_trial_stops_the_search(images, tmp_path,
 @pytest.mark.slow
 def test_a_search_of_failing_trials_ends_with_their_errors(images, tmp_path,
                                                           monkeypatch):
-  monkeypatch.setenv("TEST_BUILD", "crashing_build")
+  monkeypatch.setenv("TEST_CRASH", "1")
   with pytest.raises(config_lib.UserError, match="No trial completed"):
     tiny_search(make_config(images, tmp_path, max_trials=4))
   report = read_json(os.path.join(tmp_path, "tuning_report.json"))
@@ -391,29 +414,40 @@ def test_overwrite_semantics(images, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "tuner", "shared_heads"))
 
 
-@pytest.mark.slow
-def test_each_execution_starts_from_another_initialisation(images, tmp_path):
-  report = tiny_search(make_config(images, tmp_path, max_trials=1,
-                                   executions_per_trial=2, seed=7))
-  trial = tmp_path / "tuner" / "trials" / "0"
-  assert "seed 7" in (trial / "trial.log").read_text()
-  assert "seed 8" in (trial / "execution1" / "trial.log").read_text()
-  assert report["trials"][0]["epochs"]["run"] == 2
+@pytest.fixture(scope="module")
+def early_stopped_search(images, tmp_path_factory):
+  """A 1-trial search of two executions (seed 7) that early stopping ends.
 
-
-@pytest.mark.slow
-def test_early_stopping_watches_stage_finetune_only(images, tmp_path):
-  # Learning rates so small that val_accuracy never improves: patience 1
-  # stops after the second finetune epoch, never in stage head.
-  config = make_config(images, tmp_path, max_trials=1, head_epochs=3,
-                       finetune_epochs=4, head_learning_rate=1e-12,
+  Learning rates so small that val_accuracy never improves, whatever the
+  initialisation: with patience 1 each execution stops after the second
+  finetune epoch, never in stage head. Returns its workdir (a
+  pathlib.Path) and report.
+  """
+  workdir = tmp_path_factory.mktemp("early_stopped")
+  config = make_config(images, workdir, max_trials=1, executions_per_trial=2,
+                       seed=7, head_epochs=3, finetune_epochs=4,
+                       head_learning_rate=1e-12,
                        search_finetune_learning_rate="1e-12:2e-12",
                        early_stopping_patience=1)
-  report = tiny_search(config)
+  return workdir, tiny_search(config)
+
+
+def test_each_execution_starts_from_another_initialisation(
+    early_stopped_search):
+  workdir, report = early_stopped_search
+  trial = workdir / "tuner" / "trials" / "0"
+  assert "seed 7" in (trial / "trial.log").read_text()
+  assert "seed 8" in (trial / "execution1" / "trial.log").read_text()
+  # Each execution ran 5 epochs: the trial records 5, not their sum.
+  assert report["trials"][0]["epochs"]["run"] == 5
+
+
+def test_early_stopping_watches_stage_finetune_only(early_stopped_search):
+  workdir, report = early_stopped_search
   assert report["trials"][0]["epochs"] == {
       "budget": 7, "run": 5, "head": 3, "finetune": 2}
   # best.cfg stops the same way, so that it trains the kept model.
-  assert "--early_stopping_patience=1\n" in (tmp_path / "best.cfg").read_text()
+  assert "--early_stopping_patience=1\n" in (workdir / "best.cfg").read_text()
 
 
 def free_port():
@@ -495,7 +529,7 @@ def test_distributed_search_of_failing_trials_ends(images, tmp_path):
   # the worker and leave the chief waiting forever.
   config = make_config(images, tmp_path / "work", max_trials=4)
   results = run_distributed(config, ("chief", "tuner0"), tmp_path,
-                            env={"TEST_BUILD": "crashing_build"})
+                            env={"TEST_CRASH": "1"})
   chief_code, chief_log = results["chief"]
   assert results["tuner0"][0] == 0, results["tuner0"][1]
   assert chief_code == 1 and "No trial completed" in chief_log, chief_log
