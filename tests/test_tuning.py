@@ -306,6 +306,8 @@ def test_trials_share_a_stage_head_and_the_search_keeps_its_best_model(
                                "finetune": 1}
     # A process of its own per trial, its peak memory recorded.
     assert 100 < trial["peak_rss_mb"] < 8000
+    # The search process's own high-water mark, after each trial.
+    assert 100 < trial["search_peak_rss_mb"] < 8000
     log = (project / "trials" / trial["trial_id"] / "trial.log").read_text()
     assert ("Starting stage finetune from the stage head" in log) == (
         trial["head_shared"])
