@@ -701,3 +701,27 @@ def test_a_stop_signal_to_the_search_reaches_its_trial(tmp_path):
   with pytest.raises(tuning._StoppedInTrial) as stopped:
     tuning.trial_results(None, outcome)
   assert stopped.value.exit_code == 143
+
+
+def test_proposals_outside_the_space_are_clipped_into_it():
+  space = kt.HyperParameters()
+  space.Int("finetune_epochs", 5, 20, sampling="log", default=10)
+  space.Float("finetune_learning_rate", 2e-5, 5e-4, sampling="log",
+              default=1e-4)
+  # KerasTuner's own mapping: the optimiser's upper bound, 1.0, is max + 1.
+  assert space.space[0].prob_to_value(1.0) == 21
+
+  class Proposes(kt.oracles.RandomSearchOracle):
+    def populate_space(self, trial_id):
+      return {"status": kt.engine.trial.TrialStatus.RUNNING,
+              "values": {"finetune_epochs": 21,
+                         "finetune_learning_rate": 6e-4}}
+
+  oracle = tuning.defaults_first(Proposes)(
+      objective=kt.Objective("val_accuracy", "max"), max_trials=3, seed=1,
+      hyperparameters=space)
+  assert oracle.populate_space("0")["values"] == {
+      "finetune_epochs": 10, "finetune_learning_rate": 1e-4}
+  oracle.trials["0"] = None  # Trial 0 exists: the next is a proposal.
+  assert oracle.populate_space("1")["values"] == {
+      "finetune_epochs": 20, "finetune_learning_rate": 5e-4}

@@ -453,9 +453,32 @@ def defaults_first(oracle_class):
       if not self.trials:
         return {"status": kt.engine.trial.TrialStatus.RUNNING,
                 "values": self.hyperparameters.values}
-      return super().populate_space(trial_id)
+      proposal = super().populate_space(trial_id)
+      if proposal.get("values"):
+        proposal["values"] = clip_into_space(self.hyperparameters,
+                                             proposal["values"])
+      return proposal
   DefaultsFirst.__name__ = "DefaultsFirst" + oracle_class.__name__
   return DefaultsFirst
+
+
+def clip_into_space(space: kt.HyperParameters, values: Dict) -> Dict:
+  """`values` with every Int and Float clipped into its range.
+
+  KerasTuner 1.4.8's `Int.prob_to_value` maps a probability in [0, 1) to
+  [min, max + 1), but the Bayesian oracle's optimiser may return 1.0 itself
+  (its bounds are inclusive), which gives max + 1: a search over
+  `--search_finetune_epochs=5:20` ran trials of 21 epochs. The same
+  boundary was fixed for Choice in keras-team/keras-tuner#152; for Int it
+  is keras-team/keras-tuner#180.
+  """
+  clipped = dict(values)
+  for hp in space.space:
+    if isinstance(hp, (kt.engine.hyperparameters.Int,
+                       kt.engine.hyperparameters.Float)) and hp.name in values:
+      clipped[hp.name] = type(values[hp.name])(
+          min(max(values[hp.name], hp.min_value), hp.max_value))
+  return clipped
 
 
 # Random points the Bayesian search draws before its Gaussian process
