@@ -195,8 +195,7 @@ class Checkpointer(keras.callbacks.Callback):
   `save_checkpoints_secs` does the same). Before each save the loss is
   checked: a NaN or infinite loss raises `TrainingDiverged` naming stage,
   epoch and step, so the last checkpoint, written before it, stays the
-  newest. A checkpoint is never
-  written with non-finite weights either.
+  newest. A checkpoint is never written with non-finite weights either.
 
   Inside `catch_stop_signals()`, SIGTERM and SIGINT (Ctrl-C) only set a
   flag; the next step end saves a checkpoint and raises `StoppedBySignal`
@@ -275,18 +274,19 @@ class Checkpointer(keras.callbacks.Callback):
     if self.stop_signal is not None:
       self.save(self._epoch, step)
       self._raise_stopped(self._epoch, step)
-    global_step = self._epoch * self.steps_per_epoch + step
-    if self.save_every_steps and global_step % self.save_every_steps == 0:
+    if self._step_save_due(self._epoch, step):
       self.save(self._epoch, step)
 
   def on_epoch_end(self, epoch, logs=None):
-    stopping = self.stop_signal is not None
-    if stopping or (epoch not in self.unsaved_epochs and self._due(epoch)):
+    if self.stop_signal is not None:
       self.save(epoch + 1, 0)
-    elif epoch not in self.unsaved_epochs:
-      self._unsaved_end = epoch
-    if stopping:
       self._raise_stopped(epoch + 1, 0)
+    if epoch in self.unsaved_epochs:
+      return
+    if self._due(epoch):
+      self.save(epoch + 1, 0)
+    else:
+      self._unsaved_end = epoch
 
   def on_train_end(self, logs=None):
     if self._unsaved_end is not None:
@@ -294,12 +294,17 @@ class Checkpointer(keras.callbacks.Callback):
 
   def _due(self, epoch: int) -> bool:
     """Whether the end of `epoch` is checkpointed (class docstring)."""
-    every = self.save_every_steps
-    if every and (epoch + 1) * self.steps_per_epoch % every == 0:
+    if self._step_save_due(epoch, self.steps_per_epoch):
       return True  # The step save of the epoch's last step, after validation.
     waited = time.monotonic() - self._last_save
     return (not self.save_interval_seconds or self.plan.ends_stage(epoch)
             or waited >= self.save_interval_seconds)
+
+  def _step_save_due(self, epoch: int, step: int) -> bool:
+    """Whether `--save_every_steps` asks for a checkpoint after `step` of
+    `epoch` (steps counted over the whole run)."""
+    every = self.save_every_steps
+    return bool(every) and (epoch * self.steps_per_epoch + step) % every == 0
 
   def save(self, epoch: int, step: int) -> None:
     """Writes the weights file, then the pointer naming it, then deletes

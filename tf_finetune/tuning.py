@@ -442,7 +442,8 @@ def describe_values(values: Dict) -> str:
 
 
 def defaults_first(oracle_class):
-  """`oracle_class` whose first trial is the flags' own values.
+  """`oracle_class` whose first trial is the flags' own values and whose
+  other proposals lie inside the searched ranges (`clip_into_space`).
 
   The default recipe is in the search space: trying it first means the
   search never hands back a best.cfg that scored below it on validation.
